@@ -23,13 +23,12 @@ REMOTE_CODE_FILES = (
 
 def remote_module(name: str) -> types.ModuleType:
     """Return the remote-code module ``name`` (e.g. ``"modeling_omnilmm"``)."""
+    if not (ROOT / f"{name}.py").is_file():
+        raise FileNotFoundError(
+            f"The remote-code file {name}.py is not in {ROOT}; install this project with "
+            "`pip install -e .` from its checkout."
+        )
     if PACKAGE not in sys.modules:
-        missing = [f for f in REMOTE_CODE_FILES if not (ROOT / f).is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"The remote-code files {missing} are not in {ROOT}; install this project with "
-                "`pip install -e .` from its checkout."
-            )
         package = types.ModuleType(PACKAGE)
         package.__path__ = [str(ROOT)]
         sys.modules[PACKAGE] = package

@@ -1,0 +1,308 @@
+"""OmniLMM: an EVA02 vision tower (timm), a Perceiver resampler and a Mistral decoder.
+
+Every image becomes `num_query` tokens that replace the `<im_patch>` tokens of one image span
+(`<im_start>`, `num_query` x `<im_patch>`, `<im_end>`) of the prompt; the rest is Mistral.
+"""
+
+import math
+from collections import defaultdict
+
+import timm
+import torch
+from torch import nn
+from transformers import MistralForCausalLM, MistralModel
+from transformers import initialization as init
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.mistral.modeling_mistral import MistralPreTrainedModel
+
+from .configuration_omnilmm import OmniLMMConfig
+from .resampler import Resampler, get_2d_sincos_pos_embed
+
+# transformers 5.24 renamed the cache field of model outputs (`past_key_values` before).
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+class PassThroughBlock(nn.Identity):
+    """Stands in for the vision tower's last block, so that its output is the second-to-last layer's.
+
+    timm calls its blocks as `blk(x, rope=..., attn_mask=..., is_causal=...)`: accept and ignore those.
+    """
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return x
+
+
+def build_vision_tower(config: OmniLMMConfig) -> nn.Module:
+    """The timm EVA02 tower, without weights (they come from the checkpoint) and without its last block."""
+    tower = timm.create_model(
+        config.mm_vision_tower,
+        pretrained=False,
+        num_classes=0,
+        dynamic_img_size=True,
+        dynamic_img_pad=True,
+        **config.vision_tower_kwargs,
+    )
+    tower.blocks[-1] = PassThroughBlock()
+    return tower
+
+
+def flatten_images(images) -> list[torch.Tensor] | torch.Tensor:
+    """`(N, 3, H, W)` tensor, or a list (per sample) of lists of `(3, H, W)` tensors → a `(N, 3, H, W)` tensor or a
+    flat list of `(3, H, W)` tensors in reading order. Raises `ValueError`/`TypeError` on anything else."""
+    if isinstance(images, torch.Tensor):
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(
+                f"pixel_values must be a (num_images, 3, height, width) tensor, got shape {tuple(images.shape)}"
+            )
+        return images
+    if not isinstance(images, (list, tuple)):
+        raise TypeError(f"pixel_values must be a tensor or a list per sample of lists of tensors, got {type(images)}")
+    flat = []
+    for item in images:
+        flat.extend(item if isinstance(item, (list, tuple)) else [item])
+    for image in flat:
+        if not isinstance(image, torch.Tensor):
+            raise TypeError(f"pixel_values lists must hold (3, height, width) tensors, got {type(image)}")
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"each image in pixel_values must be a (3, height, width) tensor, got {tuple(image.shape)}")
+    return flat
+
+
+class OmniLMMPreTrainedModel(MistralPreTrainedModel):
+    config_class = OmniLMMConfig
+    config: OmniLMMConfig
+    _no_split_modules = ["MistralDecoderLayer", "EvaBlockPostNorm", "EvaBlock", "Resampler"]
+    _can_compile_fullgraph = False
+
+    def _init_weights(self, module):
+        """Transformers' defaults, plus the tensors it does not know: resampler, EVA embeddings and `k_bias`.
+
+        `k_bias` is a non-persistent zero buffer that no checkpoint holds: it must be set here, or it keeps the
+        uninitialised memory that `from_pretrained` gives it.
+        """
+        if isinstance(module, Resampler):
+            init.trunc_normal_(module.query, std=0.02)
+            init.copy_(module.pos_embed, get_2d_sincos_pos_embed(module.embed_dim, module.grid_size))
+            init.normal_(module.proj, std=module.embed_dim**-0.5)
+        elif isinstance(module, nn.MultiheadAttention):
+            init.xavier_uniform_(module.in_proj_weight)
+            init.zeros_(module.in_proj_bias)
+            super()._init_weights(module.out_proj)
+        elif getattr(module, "k_bias", None) is not None:  # timm's EvaAttention
+            init.zeros_(module.k_bias)
+            init.zeros_(module.q_bias)
+            init.zeros_(module.v_bias)
+        elif hasattr(module, "cls_token") and hasattr(module, "pos_embed"):  # timm's Eva
+            init.trunc_normal_(module.pos_embed, std=0.02)
+            init.trunc_normal_(module.cls_token, std=0.02)
+        else:
+            super()._init_weights(module)
+
+
+class OmniLMMModel(OmniLMMPreTrainedModel, MistralModel):
+    """Mistral's decoder that also owns the vision tower and the resampler (state-dict names as in the release:
+    `model.vision_tower.*`, `model.resampler.*`)."""
+
+    def __init__(self, config: OmniLMMConfig):
+        super().__init__(config)
+        self.vision_tower = build_vision_tower(config)
+        self.resampler = Resampler(
+            num_queries=config.num_query,
+            embed_dim=config.hidden_size,
+            num_heads=config.hidden_size // 128,
+            kv_dim=self.vision_tower.embed_dim,
+        )
+        self.post_init()
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`(n, 3, H, W)` images of one size → `(n, num_query, hidden_size)` resampled features."""
+        tower = self.vision_tower
+        pixel_values = pixel_values.to(device=tower.patch_embed.proj.weight.device, dtype=tower.patch_embed.proj.weight.dtype)
+        features = tower.forward_features(pixel_values)[:, tower.num_prefix_tokens :]
+        patch_h, patch_w = tower.patch_embed.patch_size
+        grid_hw = (math.ceil(pixel_values.shape[-2] / patch_h), math.ceil(pixel_values.shape[-1] / patch_w))
+        return self.resampler(features.to(self.resampler.query.dtype), grid_hw)
+
+    def get_vision_embedding(self, pixel_values) -> torch.Tensor:
+        """Images (a `(N, 3, H, W)` tensor or a list per sample of lists of `(3, H, W)` tensors) → `(N, num_query,
+        hidden_size)`, in reading order. Images are grouped by size and encoded `config.vision_batch_size` at a
+        time: one vision forward per group and chunk, not one per image."""
+        images = flatten_images(pixel_values)
+        chunk = self.config.vision_batch_size
+        if isinstance(images, torch.Tensor):
+            return torch.cat([self.encode_images(images[i : i + chunk]) for i in range(0, len(images), chunk)])
+        groups = defaultdict(list)
+        for index, image in enumerate(images):
+            groups[tuple(image.shape)].append(index)
+        features = [None] * len(images)
+        for indices in groups.values():
+            for start in range(0, len(indices), chunk):
+                batch = indices[start : start + chunk]
+                encoded = self.encode_images(torch.stack([images[i] for i in batch]))
+                for i, feature in zip(batch, encoded):
+                    features[i] = feature
+        if not features:
+            return self.resampler.query.new_zeros(0, self.config.num_query, self.config.hidden_size)
+        return torch.stack(features)
+
+    def count_image_spans(self, input_ids: torch.Tensor) -> int:
+        """Check that every image span is `<im_start>`, exactly `num_query` x `<im_patch>`, `<im_end>`, and return
+        how many spans `input_ids` holds; a malformed span is a `ValueError` naming the counts."""
+        config = self.config
+        starts = input_ids == config.im_start_token_id
+        num_starts = int(starts.sum())
+        num_ends = int((input_ids == config.im_end_token_id).sum())
+        num_patches = int((input_ids == config.im_patch_token_id).sum())
+        if num_starts != num_ends:
+            raise ValueError(f"unmatched image spans: {num_starts} <im_start> but {num_ends} <im_end> tokens")
+        if num_patches != num_starts * config.num_query:
+            raise ValueError(
+                f"{num_starts} image spans need {num_starts * config.num_query} <im_patch> tokens "
+                f"({config.num_query} each), but the input has {num_patches}"
+            )
+        if num_starts:
+            rows, cols = starts.nonzero(as_tuple=True)
+            offsets = cols[:, None] + torch.arange(1, config.num_query + 2, device=input_ids.device)
+            expected = torch.full((config.num_query + 1,), config.im_patch_token_id, device=input_ids.device)
+            expected[-1] = config.im_end_token_id
+            if int(offsets.max()) >= input_ids.shape[1] or not (input_ids[rows[:, None], offsets] == expected).all():
+                raise ValueError(
+                    f"every image span must be <im_start>, exactly {config.num_query} <im_patch>, <im_end>; "
+                    "the input has a span that is cut or interleaved with other tokens"
+                )
+        return num_starts
+
+    def embed_with_images(self, input_ids, pixel_values=None, vision_hidden_states=None, is_prefill=True):
+        """`(B, L)` ids → `(B, L, hidden)` embeddings whose `<im_patch>` rows hold the images' resampled features,
+        span `k` (in reading order: sample 0 left to right, then sample 1, ...) taking image `k`."""
+        inputs_embeds = self.embed_tokens(input_ids)
+        if pixel_values is None and vision_hidden_states is None and not is_prefill:
+            return inputs_embeds  # decoding step: the image spans are in the cache already
+        num_spans = self.count_image_spans(input_ids)
+        if vision_hidden_states is None and pixel_values is not None:
+            vision_hidden_states = self.get_vision_embedding(pixel_values)
+        if vision_hidden_states is None:
+            if num_spans:
+                raise ValueError(f"the input has {num_spans} image spans but no pixel_values or vision_hidden_states")
+            return inputs_embeds
+        if isinstance(vision_hidden_states, (list, tuple)):
+            vision_hidden_states = torch.cat([torch.as_tensor(v).reshape(-1, *v.shape[-2:]) for v in vision_hidden_states])
+        expected_shape = (num_spans, self.config.num_query, self.config.hidden_size)
+        if tuple(vision_hidden_states.shape) != expected_shape:
+            raise ValueError(
+                f"the input has {num_spans} image spans but {vision_hidden_states.shape[0]} images were given "
+                f"(image features of shape {tuple(vision_hidden_states.shape)}, expected {expected_shape})"
+            )
+        mask = (input_ids == self.config.im_patch_token_id).unsqueeze(-1)
+        return inputs_embeds.masked_scatter(mask, vision_hidden_states.to(inputs_embeds.dtype))
+
+    def forward(
+        self,
+        input_ids=None,
+        pixel_values=None,
+        attention_mask=None,
+        position_ids=None,
+        inputs_embeds=None,
+        use_cache=None,
+        vision_hidden_states=None,
+        image_sizes=None,
+        slice_grids=None,
+        **kwargs,
+    ):
+        """Mistral's forward, with the images of `pixel_values` (or their precomputed `vision_hidden_states`)
+        placed into the image spans of `input_ids`. The cache travels in `**kwargs` (its name changed in v5)."""
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("give `input_ids` (or `inputs_embeds` with the image features already in place)")
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            is_prefill = cache is None or cache.get_seq_length() == 0
+            inputs_embeds = self.embed_with_images(input_ids, pixel_values, vision_hidden_states, is_prefill)
+        elif pixel_values is not None or vision_hidden_states is not None:
+            raise ValueError("give images with `input_ids`, not with `inputs_embeds` (their spans are found in the ids)")
+        return super().forward(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+
+
+class OmniLMMForCausalLM(OmniLMMPreTrainedModel, MistralForCausalLM):
+    """OmniLMM with its language-model head: `forward`, `generate` and `chat`."""
+
+    def __init__(self, config: OmniLMMConfig):
+        OmniLMMPreTrainedModel.__init__(self, config)  # not MistralForCausalLM's: it would build a MistralModel
+        self.model = OmniLMMModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_vision_embedding(self, pixel_values) -> torch.Tensor:
+        """Images → `(N, num_query, hidden_size)` features, see `OmniLMMModel.get_vision_embedding`."""
+        return self.model.get_vision_embedding(pixel_values)
+
+    def forward(
+        self,
+        input_ids=None,
+        pixel_values=None,
+        attention_mask=None,
+        position_ids=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        vision_hidden_states=None,
+        logits_to_keep=0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Logits `(B, L, vocab)` and, with `labels` (`-100` = ignored), the shifted causal-LM loss."""
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            vision_hidden_states=vision_hidden_states,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        if logits_to_keep:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            **{CACHE_FIELD: outputs.get(CACHE_FIELD)},
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    def prepare_inputs_for_generation(self, *args, vision_hidden_states=None, is_first_iteration=False, **kwargs):
+        """Generation's inputs; image features go in at prefill only (pixel_values are dropped by transformers)."""
+        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        if is_first_iteration or not kwargs.get("use_cache", True):
+            model_inputs["vision_hidden_states"] = vision_hidden_states
+        return model_inputs
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """Beam search / several sequences repeat each *sample*; repeat its images with it (a sample may hold any
+        number of images, so transformers' per-row `repeat_interleave` cannot do it)."""
+        images = {k: model_kwargs.pop(k) for k in ("pixel_values", "vision_hidden_states") if model_kwargs.get(k) is not None}
+        if expand_size > 1 and images:
+            spans_per_sample = (input_ids == self.config.im_start_token_id).sum(dim=1).tolist()
+            ends = torch.tensor(spans_per_sample).cumsum(0).tolist()
+            order = [i for s, end in enumerate(ends) for _ in range(expand_size) for i in range(end - spans_per_sample[s], end)]
+            for key, value in images.items():
+                value = flatten_images(value) if key == "pixel_values" else value
+                images[key] = value[order] if isinstance(value, torch.Tensor) else [value[i] for i in order]
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        return input_ids, {**model_kwargs, **images}
+
+
+__all__ = ["OmniLMMPreTrainedModel", "OmniLMMModel", "OmniLMMForCausalLM"]
