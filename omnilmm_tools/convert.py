@@ -1,0 +1,218 @@
+"""`omnilmm-convert SRC DST`: an original OmniLMM release folder → a self-contained Hub remote-code folder.
+
+SRC holds `config.json`, `pytorch_model.bin` (a torch pickle; or `pytorch_model.bin.index.json` and its parts),
+`added_tokens.json` and optionally the tokenizer files. DST gets `config.json` (with `auto_map` and the image token
+ids), sharded safetensors, `generation_config.json`, the remote-code `.py` files, the tokenizer and processor
+files, and a model card. Pickles are read with `weights_only=True` (no code runs) and `mmap=True`, and shards are
+written one at a time, so a 23 GB checkpoint never sits in memory whole.
+"""
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+from transformers import GenerationConfig
+
+from .remote import REMOTE_CODE_FILES, ROOT, remote_module
+
+IMAGE_TOKENS = {"<im_patch>": "im_patch_token_id", "<im_start>": "im_start_token_id", "<im_end>": "im_end_token_id"}
+# The original `chat()`'s sampling settings (MiniCPM-V / OmniLMM model cards).
+SAMPLING_DEFAULTS = {"do_sample": True, "temperature": 0.6, "top_k": 30, "top_p": 0.9, "repetition_penalty": 1.1}
+# Buffers that older checkpoints may carry and that the model recomputes.
+IGNORED_KEY_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing: is {path.parent} an original OmniLMM folder?") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+
+
+def load_config(src: Path):
+    """The original `config.json` with the image token ids of `added_tokens.json` moved into it."""
+    config_dict = read_json(src / "config.json")
+    if not isinstance(config_dict, dict):
+        raise ValueError(f"{src / 'config.json'} must hold a JSON object")
+    added_path = src / "added_tokens.json"
+    added_tokens = read_json(added_path) if added_path.is_file() else {}
+    for token, key in IMAGE_TOKENS.items():
+        if token in added_tokens:
+            config_dict[key] = int(added_tokens[token])
+    config_dict.pop("auto_map", None)
+    config_dict.pop("_name_or_path", None)
+    config_dict["architectures"] = ["OmniLMMForCausalLM"]
+    config_dict["use_cache"] = True  # the release said false; generation always wants the KV cache
+    config = remote_module("configuration_omnilmm").OmniLMMConfig(**config_dict)
+    too_big = {key: getattr(config, key) for key in IMAGE_TOKENS.values() if getattr(config, key) >= config.vocab_size}
+    if too_big:
+        raise ValueError(f"image token ids {too_big} do not fit the vocabulary of {config.vocab_size} tokens")
+    return config, added_tokens
+
+
+def checkpoint_files(src: Path) -> list[Path]:
+    index = src / "pytorch_model.bin.index.json"
+    if index.is_file():
+        return [src / name for name in sorted(set(read_json(index)["weight_map"].values()))]
+    single = src / "pytorch_model.bin"
+    if not single.is_file():
+        raise FileNotFoundError(f"{src} has neither pytorch_model.bin nor pytorch_model.bin.index.json")
+    return [single]
+
+
+def load_pickle(path: Path) -> dict:
+    """A state dict from a torch pickle, memory-mapped, refusing anything but tensors (no code runs)."""
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # torch raises UnpicklingError/RuntimeError for code, corruption or truncation
+        raise ValueError(
+            f"{path} is not a plain tensor checkpoint and was refused (it is loaded with weights_only=True, so "
+            f"no code in it runs): {error}"
+        ) from None
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ValueError(f"{path} must hold a dict of tensors (a state dict)")
+    return state_dict
+
+
+def expected_state_dict_shapes(config) -> dict[str, tuple]:
+    """Names and shapes of the model's state dict, built on the meta device (no memory, seconds)."""
+    with torch.device("meta"):
+        model = remote_module("modeling_omnilmm").OmniLMMForCausalLM(config)
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+
+
+def parse_size(size: str | int) -> int:
+    if isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    text = size.strip().upper()
+    for unit, factor in sorted(units.items(), key=lambda item: -len(item[0])):
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
+def convert_weights(src: Path, dst: Path, config, max_shard_size: int) -> dict:
+    """Stream the pickle(s) into safetensors shards of at most `max_shard_size` bytes; returns the weight map."""
+    expected = expected_state_dict_shapes(config)
+    seen, weight_map, shard, shard_bytes, shards = set(), {}, {}, 0, []
+
+    def flush():
+        nonlocal shard, shard_bytes
+        if shard:
+            name = f"model-{len(shards) + 1:05d}.safetensors"
+            save_file(shard, str(dst / name), metadata={"format": "pt"})
+            shards.append(name)
+            weight_map.update(dict.fromkeys(shard, name))
+        shard, shard_bytes = {}, 0
+
+    for path in checkpoint_files(src):
+        state_dict = load_pickle(path)
+        for key in tqdm(list(state_dict), desc=f"converting {path.name}", unit="tensor"):
+            tensor = state_dict.pop(key)
+            if key.endswith(IGNORED_KEY_SUFFIXES):
+                continue
+            if key not in expected:
+                raise ValueError(f"{path} holds {key!r}, which the OmniLMM model at this config does not have")
+            if tuple(tensor.shape) != expected[key]:
+                raise ValueError(f"{key} has shape {tuple(tensor.shape)} in {path}, the config needs {expected[key]}")
+            size = tensor.numel() * tensor.element_size()
+            if shard and shard_bytes + size > max_shard_size:
+                flush()
+            shard[key] = tensor.contiguous().clone()  # own memory: shared storages cannot go to safetensors
+            shard_bytes += size
+            seen.add(key)
+        del state_dict
+    flush()
+    persistent_missing = sorted(set(expected) - seen)
+    if persistent_missing:
+        raise ValueError(f"the checkpoint lacks {len(persistent_missing)} tensors, e.g. {persistent_missing[:5]}")
+    if len(shards) == 1:
+        (dst / shards[0]).rename(dst / "model.safetensors")
+        return {key: "model.safetensors" for key in weight_map}
+    total = sum((dst / name).stat().st_size for name in shards)
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return weight_map
+
+
+def write_generation_config(src: Path, dst: Path, config) -> None:
+    original = read_json(src / "generation_config.json") if (src / "generation_config.json").is_file() else {}
+    original = {k: v for k, v in original.items() if not k.startswith("_") and k != "transformers_version"}
+    settings = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, **original}
+    GenerationConfig(**settings, **SAMPLING_DEFAULTS, use_cache=True, max_new_tokens=1024).save_pretrained(dst)
+
+
+def copy_remote_code(dst: Path) -> None:
+    for name in REMOTE_CODE_FILES:
+        shutil.copy2(ROOT / name, dst / name)
+
+
+def write_processor(src: Path, dst: Path, config, added_tokens: dict) -> bool:
+    """Image processor, tokenizer and processor files. Without tokenizer files in `src`, the Mistral v0.1
+    vocabulary is used when the config fits it; otherwise only the image processor is written (with a warning)."""
+    image_processor = remote_module("image_processing_omnilmm").OmniLMMImageProcessor(image_size=config.image_size)
+    has_own_tokenizer = (src / "tokenizer.model").is_file()
+    if not has_own_tokenizer and (config.im_patch_token_id != 32000 or config.vocab_size != 32009):
+        print(
+            f"warning: {src} has no tokenizer files, and its image tokens (<im_patch> = {config.im_patch_token_id}, "
+            f"vocabulary of {config.vocab_size}) do not fit the Mistral v0.1 vocabulary (32000 + 9 tokens): "
+            "only the image processor was written. Put the folder's tokenizer.model next to its config to convert it."
+        )
+        image_processor.save_pretrained(dst)
+        return False
+    from .tokenizer import build_tokenizer, load_original_tokenizer
+
+    tokenizer = load_original_tokenizer(src) if has_own_tokenizer else build_tokenizer(added_tokens or None)
+    processor = remote_module("processing_omnilmm").OmniLMMProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, num_query=config.num_query
+    )
+    processor.save_pretrained(dst)
+    return True
+
+
+def write_model_card(dst: Path, src: Path, config) -> None:
+    card = (ROOT / "README.md").read_text() if (ROOT / "README.md").is_file() else "# OmniLMM\n"
+    header = (
+        f"<!-- Converted from {src.name} by omnilmm-convert: {config.num_hidden_layers} decoder layers, "
+        f"hidden size {config.hidden_size}, {config.num_query} query tokens per image. -->\n"
+    )
+    (dst / "README.md").write_text(card if card.startswith("---") else header + card)
+
+
+def convert(src, dst, max_shard_size="2GB") -> Path:
+    """Convert the original-format folder `src` into the Hub folder `dst` (created; must be empty if it exists)."""
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src} is not a folder")
+    if dst.exists() and any(dst.iterdir()):
+        raise FileExistsError(f"{dst} exists and is not empty; give a new folder")
+    dst.mkdir(parents=True, exist_ok=True)
+    config, added_tokens = load_config(src)
+    convert_weights(src, dst, config, parse_size(max_shard_size))
+    config.save_pretrained(dst)
+    write_generation_config(src, dst, config)
+    copy_remote_code(dst)
+    write_processor(src, dst, config, added_tokens)
+    write_model_card(dst, src, config)
+    return dst
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="omnilmm-convert", description=__doc__.split("\n\n")[0])
+    parser.add_argument("src", help="the original release folder (config.json, pytorch_model.bin, added_tokens.json)")
+    parser.add_argument("dst", help="the Hub folder to write (new or empty)")
+    parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
+    args = parser.parse_args(argv)
+    dst = convert(args.src, args.dst, args.max_shard_size)
+    print(f"wrote {dst}: load it with AutoModelForCausalLM.from_pretrained({str(dst)!r}, trust_remote_code=True)")
+
+
+if __name__ == "__main__":
+    main()
