@@ -40,7 +40,9 @@ logger = logging.get_logger(__name__)
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
-ACCEPTED_TYPES = "a PIL.Image.Image, a numpy array (HWC or HW), a torch tensor (CHW or HW) or a file path (str or os.PathLike)"
+ACCEPTED_TYPES = (
+    "a PIL.Image.Image, a numpy array (HWC or HW), a torch tensor (CHW or HW) or a file path (str or os.PathLike)"
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,7 +71,8 @@ def slice_layout(image_size, max_slice_nums=9, scale_resolution=448, patch_size=
     both ``None`` when the image is not sliced. All sizes are multiples of ``patch_size``.
     """
     width, height = image_size
-    for name, value in (("width", width), ("height", height), ("scale_resolution", scale_resolution), ("patch_size", patch_size)):
+    checks = (("width", width), ("height", height), ("scale_resolution", scale_resolution), ("patch_size", patch_size))
+    for name, value in checks:
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"slice_layout needs a positive integer {name}, got {value!r}.")
     if not isinstance(max_slice_nums, (int, np.integer)) or isinstance(max_slice_nums, bool) or max_slice_nums < 1:
@@ -115,7 +118,7 @@ def _check_pixels(width, height, max_image_pixels, what="image"):
 
 
 def _array_to_pil(array, layout):
-    """``array``: numpy in ``layout`` "HWC" or "CHW" (or 2-D HW); uint8, integers in [0, 255], bool or floats in [0, 1]."""
+    """``array``: numpy, ``layout`` "HWC" or "CHW" (or 2-D HW); uint8, ints in [0, 255], bool or floats in [0, 1]."""
     if array.ndim == 3 and layout == "CHW" and array.shape[0] in (1, 3, 4):
         array = array.transpose(1, 2, 0)
     elif array.ndim == 3 and layout == "HWC" and array.shape[-1] not in (1, 3, 4) and array.shape[0] in (1, 3, 4):
@@ -144,6 +147,8 @@ def _array_to_pil(array, layout):
 
 def _to_rgb(image):
     """``convert("RGB")`` with sensible ranges for the high-bit-depth modes (PIL would clip them)."""
+    if image.mode == "RGB":
+        return image
     if image.mode.startswith("I;16"):
         image = image.convert("I")
         scale = 1 / 257  # 0..65535 -> 0..255
@@ -172,21 +177,24 @@ def load_image(image, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"No image file at {path!r} (URLs are not fetched; download the image first).")
         try:
-            with Image.open(path) as opened:  # reads the header only
-                _check_pixels(*opened.size, max_image_pixels, what=f"image file {path!r}")
-                opened.load()  # decodes; raises on truncated data (unless ImageFile.LOAD_TRUNCATED_IMAGES is set)
-                return _to_rgb(opened)
+            opened = Image.open(path)  # reads the header only
         except Image.DecompressionBombError as err:
             raise ValueError(
-                f"PIL refused to open {path!r}: {err} Raise PIL.Image.MAX_IMAGE_PIXELS as well as this processor's "
-                "max_image_pixels if you trust the file."
+                f"PIL refused to open {path!r}: {err} If you trust the file, raise PIL.Image.MAX_IMAGE_PIXELS as well "
+                "as this processor's max_image_pixels."
             ) from err
-        except ValueError as err:
-            if str(err).startswith("The image file"):
-                raise
-            raise ValueError(f"Could not decode the image file {path!r}: {err}") from err
-        except Exception as err:  # UnidentifiedImageError, truncated or corrupt data (OSError, SyntaxError, ...)
-            raise ValueError(f"Could not decode the image file {path!r} (empty, truncated or not an image): {err}") from err
+        except Exception as err:  # UnidentifiedImageError (empty or not an image), corrupt header, ...
+            raise ValueError(f"Could not read the image file {path!r} (empty or not an image): {err}") from err
+        with opened:
+            _check_pixels(*opened.size, max_image_pixels, what=f"image file {path!r}")
+            try:
+                # Decode inside the try: truncated or corrupt data raises here (as long as nobody set
+                # PIL.ImageFile.LOAD_TRUNCATED_IMAGES = True, which pads truncated images silently).
+                opened.load()
+                rgb = _to_rgb(opened)
+            except Exception as err:  # OSError("image file is truncated"), SyntaxError, zlib errors, ...
+                raise ValueError(f"Could not decode the image file {path!r} (truncated or corrupt): {err}") from err
+            return rgb.copy() if rgb is opened else rgb  # closing `opened` frees its pixels
 
     if isinstance(image, Image.Image):
         _check_pixels(*image.size, max_image_pixels)
@@ -205,7 +213,7 @@ def load_image(image, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS):
             tensor = tensor.float()
         array, layout = tensor.numpy(), "CHW"
     else:
-        raise TypeError(f"Expected an image: {ACCEPTED_TYPES}; got {type(image).__module__}.{type(image).__qualname__}.")
+        raise TypeError(f"Expected an image: {ACCEPTED_TYPES}; got {_type_name(image)}.")
     if array.ndim == 2:
         height, width = array.shape
     elif array.ndim == 3:
@@ -213,13 +221,13 @@ def load_image(image, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS):
         channels_first |= layout == "HWC" and array.shape[-1] not in (1, 3, 4) and array.shape[0] in (1, 3, 4)
         height, width = array.shape[1:] if channels_first else array.shape[:2]
     else:
-        raise ValueError(f"Cannot read an image from an array of shape {tuple(array.shape)}: expected 2 or 3 dimensions.")
+        raise ValueError(f"Cannot read an image from an array of shape {tuple(array.shape)}: expected 2 or 3 dims.")
     _check_pixels(width, height, max_image_pixels)
     return _array_to_pil(array, layout).convert("RGB")
 
 
-def _is_image(x):
-    return isinstance(x, (Image.Image, str, os.PathLike)) or (isinstance(x, (np.ndarray, torch.Tensor)) and x.ndim in (2, 3))
+def _type_name(x):
+    return f"{type(x).__module__}.{type(x).__qualname__}"
 
 
 def _batch_structure(images):
@@ -232,13 +240,19 @@ def _batch_structure(images):
     if all(nested):
         return [list(sample) for sample in images]
     if any(nested):
-        raise ValueError("Give either a flat list of images (one per sample) or a list of lists (per sample), not a mix.")
+        raise ValueError("Give a flat list of images (one per sample) or a list of lists (per sample), not a mix.")
     return [[image] for image in images]
 
 
 # ---------------------------------------------------------------------------------------------
 # The image processor
 # ---------------------------------------------------------------------------------------------
+
+
+SETTING_NAMES = (
+    "image_size", "slice_mode", "max_slice_nums", "scale_resolution", "patch_size", "never_split",
+    "image_mean", "image_std", "max_image_pixels",
+)
 
 
 class OmniLMMImageProcessorKwargs(ImagesKwargs, total=False):
@@ -299,8 +313,6 @@ class OmniLMMImageProcessor(BaseImageProcessor):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if max_slice_nums < 1:
-            raise ValueError(f"max_slice_nums must be >= 1 (1 = never slice), got {max_slice_nums}.")
         self.image_size = image_size
         self.slice_mode = slice_mode
         self.max_slice_nums = max_slice_nums
@@ -310,38 +322,51 @@ class OmniLMMImageProcessor(BaseImageProcessor):
         self.image_mean = list(image_mean)
         self.image_std = list(image_std)
         self.max_image_pixels = max_image_pixels
+        self._settings()  # validates
 
-    def slice_grid(self, image_size, slice_mode=None, max_slice_nums=None, never_split=None):
-        """The `(cols, rows)` grid of an image of `image_size = (w, h)`, or `None` when it is not sliced."""
-        if not (self.slice_mode if slice_mode is None else slice_mode):
+    def _settings(self, **overrides):
+        """This processor's settings, with the non-`None` per-call `overrides` applied and checked."""
+        settings = {key: getattr(self, key) for key in SETTING_NAMES}
+        settings.update({key: value for key, value in overrides.items() if value is not None})
+        max_slice_nums = settings["max_slice_nums"]
+        if not isinstance(max_slice_nums, (int, np.integer)) or isinstance(max_slice_nums, bool) or max_slice_nums < 1:
+            raise ValueError(f"max_slice_nums must be an integer >= 1 (1 = never slice), got {max_slice_nums!r}.")
+        return settings
+
+    def slice_grid(self, image_size, **overrides):
+        """The `(cols, rows)` grid of an image of `image_size = (w, h)`, or `None` when it is not sliced.
+
+        The image then takes `1 + cols * rows` image spans (the source, then the tiles row by row).
+        """
+        s = self._settings(**overrides)
+        if not s["slice_mode"]:
             return None
-        return slice_layout(
-            image_size,
-            self.max_slice_nums if max_slice_nums is None else max_slice_nums,
-            self.scale_resolution,
-            self.patch_size,
-            self.never_split if never_split is None else never_split,
-        )[1]
+        layout = slice_layout(image_size, s["max_slice_nums"], s["scale_resolution"], s["patch_size"], s["never_split"])
+        return layout[1]
 
-    def _normalize(self, image):
+    @staticmethod
+    def _normalize(image, mean, std):
         """RGB PIL image (w, h) -> float32 tensor (3, h, w), exactly ToTensor() then Normalize(mean, std)."""
         pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
-        mean = torch.tensor(self.image_mean, dtype=torch.float32).view(3, 1, 1)
-        std = torch.tensor(self.image_std, dtype=torch.float32).view(3, 1, 1)
+        mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
         return pixels.to(torch.float32).div_(255).sub_(mean).div_(std)
 
-    def _process_one(self, image, slice_mode, max_slice_nums, never_split):
+    def _process_one(self, image, s):
         """RGB PIL image -> (list of (3, H, W) tensors: source then tiles row by row, grid or None)."""
-        if not slice_mode:
-            square = image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
-            return [self._normalize(square)], None
-        source_size, grid, (tile_w, tile_h) = slice_layout(
-            image.size, max_slice_nums, self.scale_resolution, self.patch_size, never_split
-        )[:2] + (slice_layout(image.size, max_slice_nums, self.scale_resolution, self.patch_size, never_split)[2] or (0, 0),)
-        tensors = [self._normalize(image.resize(source_size, Image.Resampling.BICUBIC))]
+        mean, std = s["image_mean"], s["image_std"]
+        if not s["slice_mode"]:
+            square = image.resize((s["image_size"], s["image_size"]), Image.Resampling.BICUBIC)
+            return [self._normalize(square, mean, std)], None
+        source_size, grid, tile_size = slice_layout(
+            image.size, s["max_slice_nums"], s["scale_resolution"], s["patch_size"], s["never_split"]
+        )
+        tensors = [self._normalize(image.resize(source_size, Image.Resampling.BICUBIC), mean, std)]
         if grid is not None:
-            cols, rows = grid
-            refined = self._normalize(image.resize((cols * tile_w, rows * tile_h), Image.Resampling.BICUBIC))
+            (cols, rows), (tile_w, tile_h) = grid, tile_size
+            # Resize the whole image to the grid, normalise once, cut the tiles row by row.
+            refined = image.resize((cols * tile_w, rows * tile_h), Image.Resampling.BICUBIC)
+            refined = self._normalize(refined, mean, std)
             for row in range(rows):
                 for col in range(cols):
                     tile = refined[:, row * tile_h : (row + 1) * tile_h, col * tile_w : (col + 1) * tile_w]
@@ -359,18 +384,16 @@ class OmniLMMImageProcessor(BaseImageProcessor):
     ) -> BatchFeature:
         """Preprocess one image, a flat list of images (one per sample) or a list of lists (per sample).
 
+        Any setting of `__init__` can be overridden for this call (`None` = the processor's own).
         Returns a `BatchFeature` with `pixel_values`, `image_sizes` and `slice_grids` (see the class
         docstring); the lists stay lists (the tensors of a sample may differ in size). `return_tensors`
         may be `None` or `"pt"` (torch tensors) or `"np"` (numpy arrays).
         """
-        slice_mode = self.slice_mode if slice_mode is None else slice_mode
-        max_slice_nums = self.max_slice_nums if max_slice_nums is None else max_slice_nums
-        never_split = self.never_split if never_split is None else never_split
-        if not isinstance(max_slice_nums, int) or max_slice_nums < 1:
-            raise ValueError(f"max_slice_nums must be an integer >= 1 (1 = never slice), got {max_slice_nums!r}.")
+        overrides = {key: kwargs.pop(key, None) for key in SETTING_NAMES if key in kwargs}
+        s = self._settings(slice_mode=slice_mode, max_slice_nums=max_slice_nums, never_split=never_split, **overrides)
         if return_tensors not in (None, "pt", "np"):
             raise ValueError(f"return_tensors must be None, 'pt' or 'np', got {return_tensors!r}.")
-        unused = sorted(k for k, v in kwargs.items() if v is not None)
+        unused = sorted(key for key, value in kwargs.items() if value is not None)
         if unused:
             logger.warning_once(f"OmniLMMImageProcessor.preprocess ignores the arguments {unused}.")
 
@@ -378,12 +401,8 @@ class OmniLMMImageProcessor(BaseImageProcessor):
         for sample in _batch_structure(images):
             sample_pixels, sample_sizes, sample_grids = [], [], []
             for image in sample:
-                if not _is_image(image):
-                    raise TypeError(
-                        f"Expected an image: {ACCEPTED_TYPES}; got {type(image).__module__}.{type(image).__qualname__}."
-                    )
-                rgb = load_image(image, self.max_image_pixels)
-                tensors, grid = self._process_one(rgb, slice_mode, max_slice_nums, never_split)
+                rgb = load_image(image, s["max_image_pixels"])  # TypeError / ValueError on bad input
+                tensors, grid = self._process_one(rgb, s)
                 if return_tensors == "np":
                     tensors = [t.numpy() for t in tensors]
                 sample_pixels.extend(tensors)
@@ -393,9 +412,8 @@ class OmniLMMImageProcessor(BaseImageProcessor):
             image_sizes.append(sample_sizes)
             slice_grids.append(sample_grids)
         # tensor_type=None: BatchFeature must not try to stack these ragged lists.
-        return BatchFeature(
-            data={"pixel_values": pixel_values, "image_sizes": image_sizes, "slice_grids": slice_grids}, tensor_type=None
-        )
+        data = {"pixel_values": pixel_values, "image_sizes": image_sizes, "slice_grids": slice_grids}
+        return BatchFeature(data=data, tensor_type=None)
 
 
 __all__ = ["OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "OmniLMMImageProcessor", "load_image", "slice_layout"]
