@@ -4,19 +4,25 @@ Every image becomes `num_query` tokens that replace the `<im_patch>` tokens of o
 (`<im_start>`, `num_query` x `<im_patch>`, `<im_end>`) of the prompt; the rest is Mistral.
 """
 
+import copy
+import hashlib
 import math
-from collections import defaultdict
+import threading
+from collections import OrderedDict, defaultdict
 
 import timm
 import torch
 from torch import nn
-from transformers import MistralForCausalLM, MistralModel
+from transformers import AutoProcessor, MistralForCausalLM, MistralModel, TextIteratorStreamer
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.mistral.modeling_mistral import MistralPreTrainedModel
 
 from .configuration_omnilmm import OmniLMMConfig
 from .resampler import Resampler, get_2d_sincos_pos_embed
+
+MAX_FRAMES_WITH_SLICES = 16  # chat(): more images than this in one conversation are encoded unsliced (video)
+VISION_CACHE_SIZE = 64  # chat(): features of this many recent images are kept for later turns
 
 # transformers 5.24 renamed the cache field of model outputs (`past_key_values` before).
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -228,7 +234,146 @@ class OmniLMMModel(OmniLMMPreTrainedModel, MistralModel):
         )
 
 
-class OmniLMMForCausalLM(OmniLMMPreTrainedModel, MistralForCausalLM):
+def chat_content(content) -> tuple[list[dict], list]:
+    """A message's content (a string, or a list of images and strings) → chat-template parts and its images."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}], []
+    if not isinstance(content, (list, tuple)):
+        raise TypeError(f"message content must be a string or a list of images and strings, got {type(content)}")
+    parts, images = [], []
+    for item in content:
+        if isinstance(item, str):
+            parts.append({"type": "text", "text": item})
+        elif isinstance(item, dict) and item.get("type") == "text":
+            parts.append({"type": "text", "text": item["text"]})
+        else:
+            image = item.get("image", item.get("url", item.get("path"))) if isinstance(item, dict) else item
+            if image is None:
+                raise TypeError(f"cannot read an image or a text from the content part {item!r}")
+            parts.append({"type": "image"})
+            images.append(image)
+    return parts, images
+
+
+def chat_conversation(msgs, image=None, system_prompt=None) -> tuple[list[dict], list]:
+    """`chat()`'s messages → a chat-template conversation and its images in order; `image` goes in front of the
+    first user message, `system_prompt` in front of everything (unless a system message is already there)."""
+    if not isinstance(msgs, (list, tuple)) or not msgs or not all(isinstance(m, dict) for m in msgs):
+        raise ValueError("msgs must be a non-empty list of {'role': ..., 'content': ...} messages (or a list of such lists)")
+    conversation, images = [], []
+    msgs = copy.copy(list(msgs))
+    if image is not None:
+        first_user = next((i for i, m in enumerate(msgs) if m.get("role") == "user"), None)
+        if first_user is None:
+            raise ValueError("`image` goes in front of the first user message, but msgs has no user message")
+        content = msgs[first_user]["content"]
+        msgs[first_user] = {**msgs[first_user], "content": [image] + (list(content) if isinstance(content, (list, tuple)) else [content])}
+    if system_prompt is not None and msgs[0].get("role") != "system":
+        msgs.insert(0, {"role": "system", "content": system_prompt})
+    for message in msgs:
+        if message.get("role") not in ("system", "user", "assistant") or "content" not in message:
+            raise ValueError(f"each message needs a role (system, user or assistant) and a content, got {message!r}")
+        parts, message_images = chat_content(message["content"])
+        conversation.append({"role": message["role"], "content": parts})
+        images.extend(message_images)
+    return conversation, images
+
+
+class OmniLMMChatMixin:
+    """MiniCPM-V's model-card API: `model.chat(image=..., msgs=[{"role": "user", "content": "..."}], tokenizer=...)`."""
+
+    def chat_processor(self, processor=None, tokenizer=None):
+        """The given processor, else the one saved in the model's own folder (loaded once)."""
+        if processor is None:
+            processor = getattr(self, "_chat_processor", None)
+            if processor is None:
+                source = self.config._name_or_path or getattr(self, "name_or_path", "")
+                if not source:
+                    raise ValueError("give `processor=`: this model was not loaded from a folder that holds one")
+                processor = AutoProcessor.from_pretrained(source, trust_remote_code=True)
+                self._chat_processor = processor
+        if tokenizer is not None and tokenizer is not processor.tokenizer:
+            processor = copy.copy(processor)
+            processor.tokenizer = tokenizer
+        return processor
+
+    def cached_vision_embedding(self, pixel_values) -> torch.Tensor:
+        """`get_vision_embedding`, reusing the features of images already seen (keyed by their pixels)."""
+        images = flatten_images(pixel_values)
+        cache = self.__dict__.setdefault("_vision_cache", OrderedDict())
+        keys = [(tuple(i.shape), hashlib.sha1(i.detach().float().cpu().numpy().tobytes()).hexdigest()) for i in images]
+        new = [i for i, key in enumerate(keys) if key not in cache]
+        if new:
+            for i, feature in zip(new, self.get_vision_embedding([[images[i] for i in new]])):
+                cache[keys[i]] = feature
+        for key in keys:
+            cache.move_to_end(key)
+        while len(cache) > VISION_CACHE_SIZE:
+            cache.popitem(last=False)
+        if not keys:
+            return None
+        return torch.stack([cache[key] for key in keys])
+
+    @torch.no_grad()
+    def chat(
+        self,
+        image=None,
+        msgs=None,
+        tokenizer=None,
+        processor=None,
+        vision_hidden_states=None,
+        max_new_tokens=1024,
+        sampling=True,
+        system_prompt=None,
+        stream=False,
+        max_slice_nums=None,
+        **generate_kwargs,
+    ):
+        """Answer the last user message of `msgs` (or of each conversation, when `msgs` is a list of them).
+
+        Content is a string or a list of PIL images (or paths) and strings; a list of many images is a video
+        (more than 16 frames: one unsliced view per frame). `sampling=True` uses `generation_config.json`'s
+        sampling settings, `sampling=False` greedy decoding; every other keyword goes to `generate`.
+        Returns the answer text, a list of them for a batch, or with `stream=True` a generator of text pieces.
+        """
+        batched = isinstance(msgs, (list, tuple)) and len(msgs) > 0 and isinstance(msgs[0], (list, tuple))
+        conversations = list(msgs) if batched else [msgs]
+        images = image if batched and image is not None else [image] * len(conversations)
+        if len(images) != len(conversations):
+            raise ValueError(f"{len(conversations)} conversations but {len(images)} entries in `image`")
+        if stream and batched:
+            raise ValueError("stream=True answers one conversation at a time; give a single msgs list")
+        processor = self.chat_processor(processor, tokenizer)
+        prompts, sample_images = [], []
+        for conversation, first_image in zip(conversations, images):
+            template_conversation, conversation_images = chat_conversation(conversation, first_image, system_prompt)
+            prompts.append(processor.apply_chat_template(template_conversation, add_generation_prompt=True, tokenize=False))
+            sample_images.append(conversation_images)
+        if max(len(i) for i in sample_images) > MAX_FRAMES_WITH_SLICES:
+            max_slice_nums = 1
+        inputs = processor(
+            text=prompts,
+            images=sample_images if any(sample_images) else None,
+            max_slice_nums=max_slice_nums,
+            return_tensors="pt",
+        ).to(self.device)
+        if vision_hidden_states is None and inputs.get("pixel_values") is not None:
+            vision_hidden_states = self.cached_vision_embedding(inputs["pixel_values"])
+        generate_kwargs = {"max_new_tokens": max_new_tokens, "do_sample": bool(sampling), **generate_kwargs}
+        generate_kwargs.update(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], vision_hidden_states=vision_hidden_states
+        )
+        if stream:
+            streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+            threading.Thread(target=self.generate, kwargs={**generate_kwargs, "streamer": streamer}, daemon=True).start()
+            return (piece for piece in streamer if piece)
+        output = self.generate(**generate_kwargs)
+        answers = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        answers = [answer.strip() for answer in answers]
+        return answers if batched else answers[0]
+
+
+class OmniLMMForCausalLM(OmniLMMChatMixin, OmniLMMPreTrainedModel, MistralForCausalLM):
     """OmniLMM with its language-model head: `forward`, `generate` and `chat`."""
 
     def __init__(self, config: OmniLMMConfig):
@@ -253,9 +398,14 @@ class OmniLMMForCausalLM(OmniLMMPreTrainedModel, MistralForCausalLM):
         use_cache=None,
         vision_hidden_states=None,
         logits_to_keep=0,
+        image_sizes=None,
+        slice_grids=None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """Logits `(B, L, vocab)` and, with `labels` (`-100` = ignored), the shifted causal-LM loss."""
+        """Logits `(B, L, vocab)` and, with `labels` (`-100` = ignored), the shifted causal-LM loss.
+
+        `image_sizes` and `slice_grids` (processor outputs that describe the images) are accepted and not needed:
+        the image spans of `input_ids` already say where every image and tile goes."""
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,

@@ -142,11 +142,16 @@ def convert_weights(src: Path, dst: Path, config, max_shard_size: int) -> dict:
     return weight_map
 
 
+def generation_config(config, original: dict | None = None) -> GenerationConfig:
+    """The original generation settings (if any) plus the original `chat()`'s sampling defaults, KV cache on."""
+    original = {k: v for k, v in (original or {}).items() if not k.startswith("_") and k != "transformers_version"}
+    settings = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, **original}
+    return GenerationConfig(**{**settings, **SAMPLING_DEFAULTS, "use_cache": True, "max_new_tokens": 1024})
+
+
 def write_generation_config(src: Path, dst: Path, config) -> None:
     original = read_json(src / "generation_config.json") if (src / "generation_config.json").is_file() else {}
-    original = {k: v for k, v in original.items() if not k.startswith("_") and k != "transformers_version"}
-    settings = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, **original}
-    GenerationConfig(**settings, **SAMPLING_DEFAULTS, use_cache=True, max_new_tokens=1024).save_pretrained(dst)
+    generation_config(config, original).save_pretrained(dst)
 
 
 def copy_remote_code(dst: Path) -> None:

@@ -9,19 +9,10 @@ import torch
 from PIL import Image
 
 from omnilmm_tools.remote import ROOT, remote_module
-from omnilmm_tools.tokenizer import build_tokenizer
 
 NUM_QUERY = 64
 IM_PATCH, IM_START, IM_END = 32000, 32001, 32002
 SPAN = "<im_start>" + "<im_patch>" * NUM_QUERY + "<im_end>"
-
-
-@pytest.fixture(scope="session")
-def tokenizer(request):
-    # Built once per session and shared with test_tokenizer.py (which uses the same attribute).
-    if getattr(request.config, "_omnilmm_tokenizer", None) is None:
-        request.config._omnilmm_tokenizer = build_tokenizer()
-    return request.config._omnilmm_tokenizer
 
 
 @pytest.fixture(scope="module")

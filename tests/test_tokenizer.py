@@ -31,14 +31,6 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="session")
-def tokenizer(request):
-    # Built once per session and shared with test_processor.py (which uses the same attribute).
-    if getattr(request.config, "_omnilmm_tokenizer", None) is None:
-        request.config._omnilmm_tokenizer = build_tokenizer()
-    return request.config._omnilmm_tokenizer
-
-
 def test_special_tokens_and_vocabulary(tokenizer):
     assert tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS)) == list(range(32000, 32009))
     assert SPECIAL_TOKENS == (
