@@ -170,6 +170,7 @@ def write_processor(src: Path, dst: Path, config, added_tokens: dict) -> bool:
             f"vocabulary of {config.vocab_size}) do not fit the Mistral v0.1 vocabulary (32000 + 9 tokens): "
             "only the image processor was written. Put the folder's tokenizer.model next to its config to convert it."
         )
+        type(image_processor).register_for_auto_class("AutoImageProcessor")  # writes its auto_map entry
         image_processor.save_pretrained(dst)
         return False
     from .tokenizer import build_tokenizer, load_original_tokenizer

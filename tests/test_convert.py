@@ -1,0 +1,88 @@
+"""omnilmm-convert on an original-format folder with the real vocabulary size: shards, tokenizer, processor."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer
+
+from conftest import TINY
+from omnilmm_tools.remote import REMOTE_CODE_FILES, remote_module
+
+
+@pytest.fixture(scope="module")
+def original_folder(tmp_path_factory):
+    """A random OmniLMM in the original release's format: vocab 32009, bf16 pickle, no tokenizer files."""
+    folder = tmp_path_factory.mktemp("original") / "OmniLMM-small"
+    folder.mkdir()
+    config_dict = json.loads((TINY / "original" / "config.json").read_text())
+    config_dict.update(vocab_size=32009, pad_token_id=0)
+    config = remote_module("configuration_omnilmm").OmniLMMConfig(**config_dict)
+    torch.manual_seed(0)
+    model = remote_module("modeling_omnilmm").OmniLMMForCausalLM(config)
+    torch.save({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, folder / "pytorch_model.bin")
+    (folder / "config.json").write_text(json.dumps(config_dict, indent=2))
+    tokens = ["<im_patch>", "<im_start>", "<im_end>", "<box>", "</box>", "<ref>", "</ref>", "<quad>", "</quad>"]
+    (folder / "added_tokens.json").write_text(json.dumps({t: 32000 + i for i, t in enumerate(tokens)}))
+    (folder / "generation_config.json").write_text((TINY / "original" / "generation_config.json").read_text())
+    return folder
+
+
+@pytest.fixture(scope="module")
+def converted(original_folder, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("converted") / "hub"
+    result = subprocess.run(
+        [sys.executable, "-m", "omnilmm_tools.convert", str(original_folder), str(dst), "--max-shard-size", "1MB"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    return dst
+
+
+def test_the_hub_folder_is_self_contained(converted):
+    names = {path.name for path in converted.iterdir()}
+    assert set(REMOTE_CODE_FILES) <= names
+    assert {"config.json", "generation_config.json", "model.safetensors.index.json", "README.md"} <= names
+    assert {"tokenizer.json", "tokenizer_config.json", "processor_config.json"} <= names
+    shards = sorted(name for name in names if name.endswith(".safetensors"))
+    assert len(shards) > 1
+    index = json.loads((converted / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    config = json.loads((converted / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_omnilmm.OmniLMMForCausalLM"
+    assert (config["im_patch_token_id"], config["im_start_token_id"], config["im_end_token_id"]) == (32000, 32001, 32002)
+    assert config["use_cache"] is True
+
+
+def test_weights_survive_conversion_exactly(converted, original_folder):
+    model = AutoModelForCausalLM.from_pretrained(converted, trust_remote_code=True, dtype=torch.bfloat16)
+    original = torch.load(original_folder / "pytorch_model.bin", weights_only=True)
+    state = model.state_dict()
+    assert all(torch.equal(state[name], tensor) for name, tensor in original.items())
+
+
+def test_tokenizer_and_processor_come_from_the_mistral_vocabulary(converted):
+    tokenizer = AutoTokenizer.from_pretrained(converted)
+    assert len(tokenizer) == 32009
+    assert tokenizer.convert_tokens_to_ids(["<im_patch>", "<im_start>", "<im_end>", "</quad>"]) == [32000, 32001, 32002, 32008]
+    processor = AutoProcessor.from_pretrained(converted, trust_remote_code=True)
+    assert type(processor).__name__ == "OmniLMMProcessor" and processor.num_query == 64
+    model = AutoModelForCausalLM.from_pretrained(converted, trust_remote_code=True, dtype=torch.float32)
+    answer = model.chat(
+        image=torch.zeros(3, 60, 80, dtype=torch.uint8), msgs=[{"role": "user", "content": "Hi?"}], sampling=False, max_new_tokens=3
+    )
+    assert isinstance(answer, str)
+
+
+def test_a_folder_whose_vocabulary_mistral_cannot_serve_still_converts(tmp_path, capsys):
+    from omnilmm_tools.convert import convert
+
+    dst = convert(TINY / "original", tmp_path / "hub")
+    assert "no tokenizer files" in capsys.readouterr().out
+    names = {path.name for path in dst.iterdir()}
+    assert "tokenizer.json" not in names and "model.safetensors" in names
+    image_processor = AutoProcessor.from_pretrained(dst, trust_remote_code=True)
+    assert type(image_processor).__name__ == "OmniLMMImageProcessor"
