@@ -123,7 +123,9 @@ class OmniLMMModel(OmniLMMPreTrainedModel, MistralModel):
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`(n, 3, H, W)` images of one size → `(n, num_query, hidden_size)` resampled features."""
         tower = self.vision_tower
-        pixel_values = pixel_values.to(device=tower.patch_embed.proj.weight.device, dtype=tower.patch_embed.proj.weight.dtype)
+        weight = tower.patch_embed.proj.weight  # on "meta" when offloaded: accelerate's hook then moves the input
+        device = pixel_values.device if weight.device.type == "meta" else weight.device
+        pixel_values = pixel_values.to(device=device, dtype=weight.dtype)
         features = tower.forward_features(pixel_values)[:, tower.num_prefix_tokens :]
         patch_h, patch_w = tower.patch_embed.patch_size
         grid_hw = (math.ceil(pixel_values.shape[-2] / patch_h), math.ceil(pixel_values.shape[-1] / patch_w))
@@ -200,7 +202,7 @@ class OmniLMMModel(OmniLMMPreTrainedModel, MistralModel):
                 f"(image features of shape {tuple(vision_hidden_states.shape)}, expected {expected_shape})"
             )
         mask = (input_ids == self.config.im_patch_token_id).unsqueeze(-1)
-        return inputs_embeds.masked_scatter(mask, vision_hidden_states.to(inputs_embeds.dtype))
+        return inputs_embeds.masked_scatter(mask, vision_hidden_states.to(inputs_embeds.device, inputs_embeds.dtype))
 
     def forward(
         self,
