@@ -1,5 +1,7 @@
 """OmniLMM configuration: a Mistral decoder config plus the vision tower, resampler and image-token settings."""
 
+import math
+
 from transformers import MistralConfig
 
 AUTO_MAP = {
@@ -42,15 +44,23 @@ class OmniLMMConfig(MistralConfig):
     vision_batch_size: int = 16
 
     def __post_init__(self, **kwargs):
+        if not isinstance(self.vision_tower_kwargs or {}, dict):
+            raise TypeError(f"`vision_tower_kwargs` must be a dict (timm arguments), got {self.vision_tower_kwargs!r}.")
         self.vision_tower_kwargs = dict(self.vision_tower_kwargs or {})
+        if not isinstance(self.mm_vision_tower, str):
+            raise TypeError(f"`mm_vision_tower` must be a timm model name, got {self.mm_vision_tower!r}.")
         if not self.mm_use_im_start_end:
             raise ValueError(
                 "OmniLMM image spans are always <im_start> <im_patch>... <im_end>: set `mm_use_im_start_end=True`."
             )
-        if int(self.num_query**0.5) ** 2 != self.num_query:
+        for name in ("num_query", "image_size", "hidden_size", "vision_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if math.isqrt(self.num_query) ** 2 != self.num_query:
             raise ValueError(f"`num_query` must be a square number (the resampler's grid), got {self.num_query}.")
-        if self.vision_batch_size < 1:
-            raise ValueError(f"`vision_batch_size` must be at least 1, got {self.vision_batch_size}.")
+        if self.hidden_size < 128:  # the resampler has hidden_size // 128 heads
+            raise ValueError(f"`hidden_size` must be at least 128 (the resampler's heads), got {self.hidden_size}.")
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
         super().__post_init__(**kwargs)
 

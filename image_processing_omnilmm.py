@@ -40,6 +40,10 @@ logger = logging.get_logger(__name__)
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
+# Slice mode refuses thinner images: up to this ratio every view (source or tile) is at most about
+# (scale_resolution / patch_size)**2 patches; beyond it the short side stays one patch and the long side keeps
+# growing (a 1 x 100,000,000 strip would become one view of 320,000 patches).
+MAX_ASPECT_RATIO = 1000
 ACCEPTED_TYPES = (
     "a PIL.Image.Image, a numpy array (HWC or HW), a torch tensor (CHW or HW) or a file path (str or os.PathLike)"
 )
@@ -70,7 +74,10 @@ def slice_layout(image_size, max_slice_nums=9, scale_resolution=448, patch_size=
     overview image; ``grid`` is ``(cols, rows)`` and ``slice_size`` the ``(w, h)`` of every tile,
     both ``None`` when the image is not sliced. All sizes are multiples of ``patch_size``.
     """
-    width, height = image_size
+    try:
+        width, height = image_size
+    except (TypeError, ValueError):
+        raise TypeError(f"slice_layout needs image_size = (width, height), got {image_size!r}.") from None
     checks = (("width", width), ("height", height), ("scale_resolution", scale_resolution), ("patch_size", patch_size))
     for name, value in checks:
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
@@ -158,8 +165,8 @@ def _to_rgb(image):
         low, high = image.getextrema()
         scale = 255 if low >= 0 and high <= 1 else 1
     else:
-        if image.mode in ("La", "PA"):
-            image = image.convert("RGBA")
+        if image.mode in ("La", "PA"):  # PIL converts premultiplied La to LA only
+            image = image.convert("LA" if image.mode == "La" else "RGBA")
         return image.convert("RGB")
     values = np.rint(np.clip(np.asarray(image, dtype=np.float64) * scale, 0, 255)).astype(np.uint8)
     return Image.fromarray(values).convert("RGB")
@@ -201,9 +208,9 @@ def load_image(image, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS):
         try:
             image.load()
             return _to_rgb(image)
-        except (OSError, SyntaxError) as err:
+        except (OSError, SyntaxError, AssertionError) as err:  # AssertionError: its file was closed already
             name = getattr(image, "filename", "") or "PIL image"
-            raise ValueError(f"Could not decode {name!r}: {err}") from err
+            raise ValueError(f"Could not decode {name!r} (truncated, corrupt, or its file closed): {err!r}") from err
 
     if isinstance(image, np.ndarray):
         array, layout = image, "HWC"
@@ -277,7 +284,8 @@ class OmniLMMImageProcessor(BaseImageProcessor):
         never_split (`bool`, defaults to `False`): slice mode, but never cut into tiles.
         image_mean, image_std: per-channel normalisation (OpenAI CLIP).
         max_image_pixels (`int` or `None`, defaults to 100,000,000): larger images are refused before
-            decoding (decompression-bomb guard); `None` disables the check.
+            decoding (decompression-bomb guard); `None` disables the check. Slice mode also refuses images
+            thinner than 1:`MAX_ASPECT_RATIO` (1000), whose views would grow without bound.
 
     Calling it returns a `BatchFeature` with `pixel_values` (a list per sample of lists of float32
     `(3, H, W)` tensors: per image, the source then the tiles row by row), `image_sizes` (the
@@ -331,6 +339,13 @@ class OmniLMMImageProcessor(BaseImageProcessor):
         max_slice_nums = settings["max_slice_nums"]
         if not isinstance(max_slice_nums, (int, np.integer)) or isinstance(max_slice_nums, bool) or max_slice_nums < 1:
             raise ValueError(f"max_slice_nums must be an integer >= 1 (1 = never slice), got {max_slice_nums!r}.")
+        for name in ("image_size", "scale_resolution", "patch_size"):
+            value = settings[name]
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        mean, std = settings["image_mean"], settings["image_std"]
+        if np.size(mean) != 3 or np.size(std) != 3 or not np.all(np.asarray(std) != 0):
+            raise ValueError(f"image_mean and image_std must be 3 numbers (std non-zero), got {mean!r} and {std!r}.")
         return settings
 
     def slice_grid(self, image_size, **overrides):
@@ -361,6 +376,11 @@ class OmniLMMImageProcessor(BaseImageProcessor):
         source_size, grid, tile_size = slice_layout(
             image.size, s["max_slice_nums"], s["scale_resolution"], s["patch_size"], s["never_split"]
         )
+        if max(image.size) > MAX_ASPECT_RATIO * min(image.size):
+            raise ValueError(
+                f"The image is {image.width}x{image.height}, thinner than 1:{MAX_ASPECT_RATIO}: slice mode would make "
+                f"a {source_size[0]}x{source_size[1]} view of it. Crop or pad it first (or use square mode)."
+            )
         tensors = [self._normalize(image.resize(source_size, Image.Resampling.BICUBIC), mean, std)]
         if grid is not None:
             (cols, rows), (tile_w, tile_h) = grid, tile_size

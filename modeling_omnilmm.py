@@ -60,6 +60,8 @@ def flatten_images(images) -> list[torch.Tensor] | torch.Tensor:
             raise ValueError(
                 f"pixel_values must be a (num_images, 3, height, width) tensor, got shape {tuple(images.shape)}"
             )
+        if not images.is_floating_point():
+            raise TypeError(f"pixel_values must be normalised float images (use the processor), got {images.dtype}")
         return images
     if not isinstance(images, (list, tuple)):
         raise TypeError(f"pixel_values must be a tensor or a list per sample of lists of tensors, got {type(images)}")
@@ -71,6 +73,8 @@ def flatten_images(images) -> list[torch.Tensor] | torch.Tensor:
             raise TypeError(f"pixel_values lists must hold (3, height, width) tensors, got {type(image)}")
         if image.ndim != 3 or image.shape[0] != 3:
             raise ValueError(f"each image in pixel_values must be a (3, height, width) tensor, got {tuple(image.shape)}")
+        if not image.is_floating_point():
+            raise TypeError(f"pixel_values must be normalised float images (use the processor), got {image.dtype}")
     return flat
 
 
@@ -136,6 +140,8 @@ class OmniLMMModel(OmniLMMPreTrainedModel, MistralModel):
         hidden_size)`, in reading order. Images are grouped by size and encoded `config.vision_batch_size` at a
         time: one vision forward per group and chunk, not one per image."""
         images = flatten_images(pixel_values)
+        if len(images) == 0:
+            return self.resampler.query.new_zeros(0, self.config.num_query, self.config.hidden_size)
         chunk = self.config.vision_batch_size
         if isinstance(images, torch.Tensor):
             return torch.cat([self.encode_images(images[i : i + chunk]) for i in range(0, len(images), chunk)])
@@ -149,8 +155,6 @@ class OmniLMMModel(OmniLMMPreTrainedModel, MistralModel):
                 encoded = self.encode_images(torch.stack([images[i] for i in batch]))
                 for i, feature in zip(batch, encoded):
                     features[i] = feature
-        if not features:
-            return self.resampler.query.new_zeros(0, self.config.num_query, self.config.hidden_size)
         return torch.stack(features)
 
     def count_image_spans(self, input_ids: torch.Tensor) -> int:
@@ -183,20 +187,48 @@ class OmniLMMModel(OmniLMMPreTrainedModel, MistralModel):
     def embed_with_images(self, input_ids, pixel_values=None, vision_hidden_states=None, is_prefill=True):
         """`(B, L)` ids → `(B, L, hidden)` embeddings whose `<im_patch>` rows hold the images' resampled features,
         span `k` (in reading order: sample 0 left to right, then sample 1, ...) taking image `k`."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.long, torch.int32):
+            got = getattr(input_ids, "dtype", type(input_ids))
+            raise TypeError(f"input_ids must be a torch.long tensor of token ids, got {got}")
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be a (batch, length) tensor, got shape {tuple(input_ids.shape)}")
+        low, high = (int(input_ids.min()), int(input_ids.max())) if is_prefill and input_ids.numel() else (0, 0)
+        if low < 0 or high >= self.config.vocab_size:
+            raise ValueError(
+                f"input_ids holds ids from {low} to {high}, outside the vocabulary of {self.config.vocab_size} "
+                "tokens (a tokenizer that does not belong to this model?)"
+            )
         inputs_embeds = self.embed_tokens(input_ids)
         if pixel_values is None and vision_hidden_states is None and not is_prefill:
             return inputs_embeds  # decoding step: the image spans are in the cache already
         num_spans = self.count_image_spans(input_ids)
+        nested = isinstance(pixel_values, (list, tuple)) and all(isinstance(s, (list, tuple)) for s in pixel_values)
+        if nested and pixel_values:
+            spans_per_sample = (input_ids == self.config.im_start_token_id).sum(dim=1).tolist()
+            images_per_sample = [len(sample) for sample in pixel_values]
+            if images_per_sample != spans_per_sample:
+                raise ValueError(
+                    f"the samples have {spans_per_sample} image spans but pixel_values holds {images_per_sample} "
+                    "images per sample (a list per sample must match that sample's spans)"
+                )
         if vision_hidden_states is None and pixel_values is not None:
             vision_hidden_states = self.get_vision_embedding(pixel_values)
         if vision_hidden_states is None:
             if num_spans:
                 raise ValueError(f"the input has {num_spans} image spans but no pixel_values or vision_hidden_states")
             return inputs_embeds
-        if isinstance(vision_hidden_states, (list, tuple)):
-            vision_hidden_states = torch.cat([torch.as_tensor(v).reshape(-1, *v.shape[-2:]) for v in vision_hidden_states])
+        features = vision_hidden_states
+        if isinstance(features, (list, tuple)) and features and all(isinstance(v, torch.Tensor) for v in features):
+            vision_hidden_states = torch.cat([v.reshape(-1, *v.shape[-2:]) for v in features])
+        if not isinstance(vision_hidden_states, torch.Tensor):
+            raise TypeError(f"vision_hidden_states must be a tensor (or a list of tensors), got {type(features)}")
         expected_shape = (num_spans, self.config.num_query, self.config.hidden_size)
-        if tuple(vision_hidden_states.shape) != expected_shape:
+        if vision_hidden_states.ndim != 3 or tuple(vision_hidden_states.shape[1:]) != expected_shape[1:]:
+            raise ValueError(
+                f"image features must have the shape (num_images, {expected_shape[1]}, {expected_shape[2]}), "
+                f"got {tuple(vision_hidden_states.shape)}"
+            )
+        if vision_hidden_states.shape[0] != num_spans:
             raise ValueError(
                 f"the input has {num_spans} image spans but {vision_hidden_states.shape[0]} images were given "
                 f"(image features of shape {tuple(vision_hidden_states.shape)}, expected {expected_shape})"
@@ -247,6 +279,8 @@ def chat_content(content) -> tuple[list[dict], list]:
         if isinstance(item, str):
             parts.append({"type": "text", "text": item})
         elif isinstance(item, dict) and item.get("type") == "text":
+            if not isinstance(item.get("text"), str):
+                raise TypeError(f"a text content part needs a string 'text', got {item!r}")
             parts.append({"type": "text", "text": item["text"]})
         else:
             image = item.get("image", item.get("url", item.get("path"))) if isinstance(item, dict) else item
@@ -269,7 +303,9 @@ def chat_conversation(msgs, image=None, system_prompt=None) -> tuple[list[dict],
         if first_user is None:
             raise ValueError("`image` goes in front of the first user message, but msgs has no user message")
         content = msgs[first_user]["content"]
-        msgs[first_user] = {**msgs[first_user], "content": [image] + (list(content) if isinstance(content, (list, tuple)) else [content])}
+        content = list(content) if isinstance(content, (list, tuple)) else [content]
+        # As a typed part: a path given as `image` is an image, not text.
+        msgs[first_user] = {**msgs[first_user], "content": [{"type": "image", "image": image}] + content}
     if system_prompt is not None and msgs[0].get("role") != "system":
         msgs.insert(0, {"role": "system", "content": system_prompt})
     for message in msgs:
@@ -294,9 +330,25 @@ class OmniLMMChatMixin:
                     raise ValueError("give `processor=`: this model was not loaded from a folder that holds one")
                 processor = AutoProcessor.from_pretrained(source, trust_remote_code=True)
                 self._chat_processor = processor
+        if getattr(processor, "tokenizer", None) is None or getattr(processor, "image_processor", None) is None:
+            raise TypeError(
+                f"processor must be the model's OmniLMMProcessor (give `processor=` when its folder has none), "
+                f"got {type(processor)}"
+            )
         if tokenizer is not None and tokenizer is not processor.tokenizer:
+            if not callable(getattr(tokenizer, "convert_tokens_to_ids", None)):
+                raise TypeError(f"tokenizer must be the model's tokenizer, got {type(tokenizer)}")
             processor = copy.copy(processor)
             processor.tokenizer = tokenizer
+        config = self.config
+        ids = processor.tokenizer.convert_tokens_to_ids(["<im_patch>", "<im_start>", "<im_end>"])
+        expected = [config.im_patch_token_id, config.im_start_token_id, config.im_end_token_id]
+        num_query = getattr(processor, "num_query", config.num_query)
+        if ids != expected or num_query != config.num_query:
+            raise ValueError(
+                f"the processor does not fit this model: its image spans are {num_query} x <im_patch> and its "
+                f"<im_patch>, <im_start>, <im_end> ids are {ids}; the model needs {config.num_query} x and {expected}"
+            )
         return processor
 
     def cached_vision_embedding(self, pixel_values) -> torch.Tensor:
@@ -341,6 +393,8 @@ class OmniLMMChatMixin:
         batched = isinstance(msgs, (list, tuple)) and len(msgs) > 0 and isinstance(msgs[0], (list, tuple))
         conversations = list(msgs) if batched else [msgs]
         images = image if batched and image is not None else [image] * len(conversations)
+        if not isinstance(images, (list, tuple)):
+            raise TypeError(f"with a batch of conversations, `image` must be a list (an image or None each), got {type(image)}")
         if len(images) != len(conversations):
             raise ValueError(f"{len(conversations)} conversations but {len(images)} entries in `image`")
         if stream and batched:

@@ -497,6 +497,8 @@ class OmniLMMProcessor(ProcessorMixin):
         truncate = truncation not in (None, False, "do_not_truncate")
         if truncate and max_length is None:
             max_length = self.tokenizer.model_max_length
+        if truncate and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+            raise ValueError(f"max_length must be a positive integer to truncate, got {max_length!r}.")
         side = getattr(self.tokenizer, "truncation_side", "right")
         image_ids = {self.im_patch_token_id, self.im_start_token_id, self.im_end_token_id}
 

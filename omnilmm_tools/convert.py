@@ -31,7 +31,7 @@ def read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} is missing: is {path.parent} an original OmniLMM folder?") from None
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is not valid JSON: {error}") from None
 
 
@@ -42,24 +42,43 @@ def load_config(src: Path):
         raise ValueError(f"{src / 'config.json'} must hold a JSON object")
     added_path = src / "added_tokens.json"
     added_tokens = read_json(added_path) if added_path.is_file() else {}
+    if not isinstance(added_tokens, dict):
+        raise ValueError(f"{added_path} must hold a JSON object token -> id")
     for token, key in IMAGE_TOKENS.items():
         if token in added_tokens:
-            config_dict[key] = int(added_tokens[token])
+            if isinstance(added_tokens[token], bool) or not isinstance(added_tokens[token], int):
+                raise ValueError(f"{added_path}: the id of {token} must be an integer, got {added_tokens[token]!r}")
+            config_dict[key] = added_tokens[token]
     config_dict.pop("auto_map", None)
     config_dict.pop("_name_or_path", None)
     config_dict["architectures"] = ["OmniLMMForCausalLM"]
     config_dict["use_cache"] = True  # the release said false; generation always wants the KV cache
-    config = remote_module("configuration_omnilmm").OmniLMMConfig(**config_dict)
-    too_big = {key: getattr(config, key) for key in IMAGE_TOKENS.values() if getattr(config, key) >= config.vocab_size}
-    if too_big:
-        raise ValueError(f"image token ids {too_big} do not fit the vocabulary of {config.vocab_size} tokens")
+    try:
+        config = remote_module("configuration_omnilmm").OmniLMMConfig(**config_dict)
+    except Exception as error:  # wrong types or values: ours, Mistral's strict fields, transformers' own checks
+        raise ValueError(f"{src / 'config.json'} is not a valid OmniLMM config: {error}") from None
+    outside = {key: getattr(config, key) for key in IMAGE_TOKENS.values()}
+    outside = {key: value for key, value in outside.items() if not 0 <= value < config.vocab_size}
+    if outside:
+        raise ValueError(f"image token ids {outside} do not fit the vocabulary of {config.vocab_size} tokens")
     return config, added_tokens
 
 
 def checkpoint_files(src: Path) -> list[Path]:
     index = src / "pytorch_model.bin.index.json"
     if index.is_file():
-        return [src / name for name in sorted(set(read_json(index)["weight_map"].values()))]
+        data = read_json(index)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+            raise ValueError(f"{index} must hold a 'weight_map' object tensor name -> file name")
+        names = sorted(set(weight_map.values()))
+        outside = [name for name in names if Path(name).name != name]
+        if outside:
+            raise ValueError(f"{index} names files outside {src}: {outside[:3]}")
+        missing = [name for name in names if not (src / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} names checkpoint files that are missing: {missing[:3]}")
+        return [src / name for name in names]
     single = src / "pytorch_model.bin"
     if not single.is_file():
         raise FileNotFoundError(f"{src} has neither pytorch_model.bin nor pytorch_model.bin.index.json")
@@ -82,8 +101,11 @@ def load_pickle(path: Path) -> dict:
 
 def expected_state_dict_shapes(config) -> dict[str, tuple]:
     """Names and shapes of the model's state dict, built on the meta device (no memory, seconds)."""
-    with torch.device("meta"):
-        model = remote_module("modeling_omnilmm").OmniLMMForCausalLM(config)
+    try:
+        with torch.device("meta"):
+            model = remote_module("modeling_omnilmm").OmniLMMForCausalLM(config)
+    except Exception as error:  # an unknown timm tower, bad timm arguments, negative sizes, ...
+        raise ValueError(f"the config does not build an OmniLMM model: {type(error).__name__}: {error}") from None
     return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
 
 
@@ -199,14 +221,18 @@ def convert(src, dst, max_shard_size="2GB") -> Path:
         raise FileNotFoundError(f"{src} is not a folder")
     if dst.exists() and any(dst.iterdir()):
         raise FileExistsError(f"{dst} exists and is not empty; give a new folder")
-    dst.mkdir(parents=True, exist_ok=True)
     config, added_tokens = load_config(src)
-    convert_weights(src, dst, config, parse_size(max_shard_size))
-    config.save_pretrained(dst)
-    write_generation_config(src, dst, config)
-    copy_remote_code(dst)
-    write_processor(src, dst, config, added_tokens)
-    write_model_card(dst, src, config)
+    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        convert_weights(src, dst, config, parse_size(max_shard_size))
+        config.save_pretrained(dst)
+        write_generation_config(src, dst, config)
+        copy_remote_code(dst)
+        write_processor(src, dst, config, added_tokens)
+        write_model_card(dst, src, config)
+    except BaseException:
+        shutil.rmtree(dst, ignore_errors=True)  # it was new or empty: leave no half-written folder behind
+        raise
     return dst
 
 
