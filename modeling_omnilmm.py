@@ -184,57 +184,72 @@ class OmniLMMModel(OmniLMMPreTrainedModel, MistralModel):
                 )
         return num_starts
 
-    def embed_with_images(self, input_ids, pixel_values=None, vision_hidden_states=None, is_prefill=True):
-        """`(B, L)` ids → `(B, L, hidden)` embeddings whose `<im_patch>` rows hold the images' resampled features,
-        span `k` (in reading order: sample 0 left to right, then sample 1, ...) taking image `k`."""
+    def check_input_ids(self, input_ids, check_range: bool = True) -> None:
+        """`input_ids` must be a `(batch, length)` integer tensor of ids inside the vocabulary."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.long, torch.int32):
             got = getattr(input_ids, "dtype", type(input_ids))
             raise TypeError(f"input_ids must be a torch.long tensor of token ids, got {got}")
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be a (batch, length) tensor, got shape {tuple(input_ids.shape)}")
-        low, high = (int(input_ids.min()), int(input_ids.max())) if is_prefill and input_ids.numel() else (0, 0)
+        low, high = (int(input_ids.min()), int(input_ids.max())) if check_range and input_ids.numel() else (0, 0)
         if low < 0 or high >= self.config.vocab_size:
             raise ValueError(
                 f"input_ids holds ids from {low} to {high}, outside the vocabulary of {self.config.vocab_size} "
                 "tokens (a tokenizer that does not belong to this model?)"
             )
+
+    def check_images_per_sample(self, input_ids, pixel_values) -> None:
+        """With a list per sample, each sample's images must match that sample's spans (not just the total)."""
+        nested = isinstance(pixel_values, (list, tuple)) and all(isinstance(s, (list, tuple)) for s in pixel_values)
+        if not nested or not pixel_values:
+            return
+        spans_per_sample = (input_ids == self.config.im_start_token_id).sum(dim=1).tolist()
+        images_per_sample = [len(sample) for sample in pixel_values]
+        if images_per_sample != spans_per_sample:
+            raise ValueError(
+                f"the samples have {spans_per_sample} image spans but pixel_values holds {images_per_sample} "
+                "images per sample (a list per sample must match that sample's spans)"
+            )
+
+    def check_image_features(self, vision_hidden_states, num_spans: int) -> torch.Tensor:
+        """Precomputed features (a tensor or a list of tensors) → one `(num_spans, num_query, hidden)` tensor."""
+        features = vision_hidden_states
+        if isinstance(features, (list, tuple)) and features and all(isinstance(v, torch.Tensor) for v in features):
+            features = torch.cat([v.reshape(-1, *v.shape[-2:]) for v in features])
+        if not isinstance(features, torch.Tensor):
+            raise TypeError(f"vision_hidden_states must be a tensor (or a list of tensors), got {type(vision_hidden_states)}")
+        expected_shape = (num_spans, self.config.num_query, self.config.hidden_size)
+        if features.ndim != 3 or tuple(features.shape[1:]) != expected_shape[1:]:
+            raise ValueError(
+                f"image features must have the shape (num_images, {expected_shape[1]}, {expected_shape[2]}), "
+                f"got {tuple(features.shape)}"
+            )
+        if features.shape[0] != num_spans:
+            raise ValueError(
+                f"the input has {num_spans} image spans but {features.shape[0]} images were given "
+                f"(image features of shape {tuple(features.shape)}, expected {expected_shape})"
+            )
+        return features
+
+    def embed_with_images(self, input_ids, pixel_values=None, vision_hidden_states=None, is_prefill=True):
+        """`(B, L)` ids → `(B, L, hidden)` embeddings whose `<im_patch>` rows hold the images' resampled features,
+        span `k` (in reading order: sample 0 left to right, then sample 1, ...) taking image `k`."""
+        self.check_input_ids(input_ids, check_range=is_prefill)
         inputs_embeds = self.embed_tokens(input_ids)
         if pixel_values is None and vision_hidden_states is None and not is_prefill:
             return inputs_embeds  # decoding step: the image spans are in the cache already
         num_spans = self.count_image_spans(input_ids)
-        nested = isinstance(pixel_values, (list, tuple)) and all(isinstance(s, (list, tuple)) for s in pixel_values)
-        if nested and pixel_values:
-            spans_per_sample = (input_ids == self.config.im_start_token_id).sum(dim=1).tolist()
-            images_per_sample = [len(sample) for sample in pixel_values]
-            if images_per_sample != spans_per_sample:
-                raise ValueError(
-                    f"the samples have {spans_per_sample} image spans but pixel_values holds {images_per_sample} "
-                    "images per sample (a list per sample must match that sample's spans)"
-                )
+        if pixel_values is not None:
+            self.check_images_per_sample(input_ids, pixel_values)
         if vision_hidden_states is None and pixel_values is not None:
             vision_hidden_states = self.get_vision_embedding(pixel_values)
         if vision_hidden_states is None:
             if num_spans:
                 raise ValueError(f"the input has {num_spans} image spans but no pixel_values or vision_hidden_states")
             return inputs_embeds
-        features = vision_hidden_states
-        if isinstance(features, (list, tuple)) and features and all(isinstance(v, torch.Tensor) for v in features):
-            vision_hidden_states = torch.cat([v.reshape(-1, *v.shape[-2:]) for v in features])
-        if not isinstance(vision_hidden_states, torch.Tensor):
-            raise TypeError(f"vision_hidden_states must be a tensor (or a list of tensors), got {type(features)}")
-        expected_shape = (num_spans, self.config.num_query, self.config.hidden_size)
-        if vision_hidden_states.ndim != 3 or tuple(vision_hidden_states.shape[1:]) != expected_shape[1:]:
-            raise ValueError(
-                f"image features must have the shape (num_images, {expected_shape[1]}, {expected_shape[2]}), "
-                f"got {tuple(vision_hidden_states.shape)}"
-            )
-        if vision_hidden_states.shape[0] != num_spans:
-            raise ValueError(
-                f"the input has {num_spans} image spans but {vision_hidden_states.shape[0]} images were given "
-                f"(image features of shape {tuple(vision_hidden_states.shape)}, expected {expected_shape})"
-            )
+        features = self.check_image_features(vision_hidden_states, num_spans)
         mask = (input_ids == self.config.im_patch_token_id).unsqueeze(-1)
-        return inputs_embeds.masked_scatter(mask, vision_hidden_states.to(inputs_embeds.device, inputs_embeds.dtype))
+        return inputs_embeds.masked_scatter(mask, features.to(inputs_embeds.device, inputs_embeds.dtype))
 
     def forward(
         self,
