@@ -22,8 +22,10 @@ the original's torchvision ``ToTensor()`` + ``Normalize()`` produced.
   sliced, its tiles row by row, all of them sized by :func:`slice_layout`.
 """
 
+import functools
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -262,6 +264,15 @@ SETTING_NAMES = (
 )
 
 
+@functools.lru_cache(maxsize=8)
+def _normalization_table(mean, std):
+    """`(3, 256)` float32: ToTensor() then Normalize(mean, std) of every uint8 value, computed with the same
+    float32 ops in the same order (hence the same bits)."""
+    table = torch.arange(256).to(torch.float32).div(255).expand(3, 256).clone()
+    table.sub_(torch.tensor(mean, dtype=torch.float32).view(3, 1)).div_(torch.tensor(std, dtype=torch.float32).view(3, 1))
+    return table.numpy()
+
+
 class OmniLMMImageProcessorKwargs(ImagesKwargs, total=False):
     image_size: int
     slice_mode: bool
@@ -361,11 +372,17 @@ class OmniLMMImageProcessor(BaseImageProcessor):
 
     @staticmethod
     def _normalize(image, mean, std):
-        """RGB PIL image (w, h) -> float32 tensor (3, h, w), exactly ToTensor() then Normalize(mean, std)."""
-        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
-        mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-        return pixels.to(torch.float32).div_(255).sub_(mean).div_(std)
+        """RGB PIL image (w, h), or its `(h, w, 3)` uint8 pixels -> float32 tensor (3, h, w), bit for bit
+        ToTensor() then Normalize(mean, std).
+
+        A uint8 channel has 256 values: the float32 ops (`/ 255`, `- mean`, `/ std`, in that order) run once on a
+        256-entry table per channel and every pixel looks its value up (one pass, no float temporaries)."""
+        pixels = np.asarray(image, dtype=np.uint8)
+        table = _normalization_table(tuple(mean), tuple(std))
+        out = np.empty((3, *pixels.shape[:2]), dtype=np.float32)
+        for channel in range(3):
+            np.take(table[channel], pixels[..., channel], out=out[channel])
+        return torch.from_numpy(out)
 
     def _process_one(self, image, s):
         """RGB PIL image -> (list of (3, H, W) tensors: source then tiles row by row, grid or None)."""
@@ -381,16 +398,20 @@ class OmniLMMImageProcessor(BaseImageProcessor):
                 f"The image is {image.width}x{image.height}, thinner than 1:{MAX_ASPECT_RATIO}: slice mode would make "
                 f"a {source_size[0]}x{source_size[1]} view of it. Crop or pad it first (or use square mode)."
             )
-        tensors = [self._normalize(image.resize(source_size, Image.Resampling.BICUBIC), mean, std)]
-        if grid is not None:
-            (cols, rows), (tile_w, tile_h) = grid, tile_size
-            # Resize the whole image to the grid, normalise once, cut the tiles row by row.
-            refined = image.resize((cols * tile_w, rows * tile_h), Image.Resampling.BICUBIC)
-            refined = self._normalize(refined, mean, std)
-            for row in range(rows):
-                for col in range(cols):
-                    tile = refined[:, row * tile_h : (row + 1) * tile_h, col * tile_w : (col + 1) * tile_w]
-                    tensors.append(tile.contiguous())
+        if grid is None:
+            return [self._normalize(image.resize(source_size, Image.Resampling.BICUBIC), mean, std)], None
+        (cols, rows), (tile_w, tile_h) = grid, tile_size
+        # Both resizes read the original; PIL releases the GIL while resampling, so they run side by side. (A pool
+        # per call, not a module-level one: a module-level pool is dead in processes forked by DataLoader workers.)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            source = pool.submit(image.resize, source_size, Image.Resampling.BICUBIC)
+            refined = np.asarray(image.resize((cols * tile_w, rows * tile_h), Image.Resampling.BICUBIC))
+            tensors = [self._normalize(source.result(), mean, std)]
+        # Cut the tiles (row by row) out of the uint8 pixels and normalise each straight into its own tensor.
+        for row in range(rows):
+            for col in range(cols):
+                tile = refined[row * tile_h : (row + 1) * tile_h, col * tile_w : (col + 1) * tile_w]
+                tensors.append(self._normalize(tile, mean, std))
         return tensors, grid
 
     def preprocess(

@@ -11,6 +11,7 @@ import threading
 from collections import OrderedDict, defaultdict
 
 import timm
+from timm.models import eva as timm_eva
 import torch
 from torch import nn
 from transformers import AutoProcessor, MistralForCausalLM, MistralModel, TextIteratorStreamer
@@ -40,15 +41,33 @@ class PassThroughBlock(nn.Identity):
 
 def build_vision_tower(config: OmniLMMConfig) -> nn.Module:
     """The timm EVA02 tower, without weights (they come from the checkpoint) and without its last block."""
-    tower = timm.create_model(
-        config.mm_vision_tower,
-        pretrained=False,
-        num_classes=0,
-        dynamic_img_size=True,
-        dynamic_img_pad=True,
-        **config.vision_tower_kwargs,
-    )
+    # timm initialises every weight in its constructor, even on the meta device (where `from_pretrained` and the
+    # converter build the model) where its trunc_normal_ runs through slow Python decompositions: 0.1 s for two EVA
+    # blocks, seconds for 63. The checkpoint (or `_init_weights`, for a new model) sets those weights: skip it there.
+    skip_init = torch.empty(0).device.type == "meta"
+    init_weights = timm_eva.Eva.init_weights
+    if skip_init:
+        timm_eva.Eva.init_weights = lambda self, *args, **kwargs: None
+    try:
+        tower = timm.create_model(
+            config.mm_vision_tower,
+            pretrained=False,
+            num_classes=0,
+            dynamic_img_size=True,
+            dynamic_img_pad=True,
+            **config.vision_tower_kwargs,
+        )
+    finally:
+        timm_eva.Eva.init_weights = init_weights
     tower.blocks[-1] = PassThroughBlock()
+    # Under a device_map with CPU/disk offload, accelerate loads a module's weights only when that module is
+    # *called*. So `encode_images` calls the tower itself (its `forward` returns every token once pooling is off),
+    # not `forward_features` (which leaves the tower's own `cls_token`/`pos_embed` on "meta"), and EVA's attention
+    # calls its `qkv` layer instead of reading `qkv.weight` for `F.linear` (a meta tensor there: wrong numbers).
+    tower.global_pool = ""
+    for module in tower.modules():
+        if hasattr(module, "qkv_bias_separate"):
+            module.qkv_bias_separate = True
     return tower
 
 
@@ -130,7 +149,7 @@ class OmniLMMModel(OmniLMMPreTrainedModel, MistralModel):
         weight = tower.patch_embed.proj.weight  # on "meta" when offloaded: accelerate's hook then moves the input
         device = pixel_values.device if weight.device.type == "meta" else weight.device
         pixel_values = pixel_values.to(device=device, dtype=weight.dtype)
-        features = tower.forward_features(pixel_values)[:, tower.num_prefix_tokens :]
+        features = tower(pixel_values)[:, tower.num_prefix_tokens :]  # = forward_features, see build_vision_tower
         patch_h, patch_w = tower.patch_embed.patch_size
         grid_hw = (math.ceil(pixel_values.shape[-2] / patch_h), math.ceil(pixel_values.shape[-1] / patch_w))
         return self.resampler(features.to(self.resampler.query.dtype), grid_hw)
@@ -248,6 +267,8 @@ class OmniLMMModel(OmniLMMPreTrainedModel, MistralModel):
                 raise ValueError(f"the input has {num_spans} image spans but no pixel_values or vision_hidden_states")
             return inputs_embeds
         features = self.check_image_features(vision_hidden_states, num_spans)
+        if not num_spans:  # (features of no image may sit on "meta" when the resampler is offloaded)
+            return inputs_embeds
         mask = (input_ids == self.config.im_patch_token_id).unsqueeze(-1)
         return inputs_embeds.masked_scatter(mask, features.to(inputs_embeds.device, inputs_embeds.dtype))
 
@@ -370,7 +391,11 @@ class OmniLMMChatMixin:
         """`get_vision_embedding`, reusing the features of images already seen (keyed by their pixels)."""
         images = flatten_images(pixel_values)
         cache = self.__dict__.setdefault("_vision_cache", OrderedDict())
-        keys = [(tuple(i.shape), hashlib.sha1(i.detach().float().cpu().numpy().tobytes()).hexdigest()) for i in images]
+        # the key hashes the pixels' bytes where they lie (no float copy, no `tobytes()` copy)
+        keys = [
+            (tuple(i.shape), i.dtype, hashlib.sha1(i.detach().cpu().contiguous().view(torch.uint8).numpy()).hexdigest())
+            for i in images
+        ]
         new = [i for i, key in enumerate(keys) if key not in cache]
         if new:
             for i, feature in zip(new, self.get_vision_embedding([[images[i] for i in new]])):
@@ -381,7 +406,12 @@ class OmniLMMChatMixin:
             cache.popitem(last=False)
         if not keys:
             return None
-        return torch.stack([cache[key] for key in keys])
+        last = self.__dict__.get("_vision_cache_last")
+        if not new and last is not None and last[0] == keys:
+            return last[1]  # the same images as the previous turn: not even a copy
+        stacked = torch.stack([cache[key] for key in keys])
+        self.__dict__["_vision_cache_last"] = (keys, stacked)
+        return stacked
 
     @torch.no_grad()
     def chat(

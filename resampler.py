@@ -27,6 +27,27 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> torch.Tensor:
     return torch.cat([sincos(grid_w), sincos(grid_h)], dim=1).float()
 
 
+class ResamplerAttention(nn.MultiheadAttention):
+    """`nn.MultiheadAttention` (same parameters, same state-dict names) whose output projection is a module call.
+
+    torch's own forward reads `out_proj.weight` without calling `out_proj`; under accelerate's CPU/disk offload a
+    module's weights are loaded only when that module is called, so there it would be a meta tensor.
+    """
+
+    def forward(self, query, key, value, need_weights=False, **kwargs):
+        length, batch, dim = query.shape
+        heads = self.num_heads
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+
+        def split(x, weight, bias):  # (L, B, D) -> (B, heads, L, head_dim)
+            return F.linear(x, weight, bias).reshape(x.shape[0], batch, heads, dim // heads).permute(1, 2, 0, 3)
+
+        q, k, v = split(query, w_q, b_q), split(key, w_k, b_k), split(value, w_v, b_v)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(out.permute(2, 0, 1, 3).reshape(length, batch, dim)), None
+
+
 class Resampler(nn.Module):
     """`(B, L, kv_dim)` vision features on an `(h, w)` patch grid → `(B, num_queries, embed_dim)` tokens."""
 
@@ -40,7 +61,7 @@ class Resampler(nn.Module):
         self.query = nn.Parameter(torch.empty(num_queries, embed_dim))
         kv_dim = kv_dim or embed_dim
         self.kv_proj = nn.Linear(kv_dim, embed_dim, bias=False) if kv_dim != embed_dim else nn.Identity()
-        self.attn = nn.MultiheadAttention(embed_dim, num_heads)
+        self.attn = ResamplerAttention(embed_dim, num_heads)
         self.ln_q = nn.LayerNorm(embed_dim, eps=1e-6)
         self.ln_kv = nn.LayerNorm(embed_dim, eps=1e-6)
         self.ln_post = nn.LayerNorm(embed_dim, eps=1e-6)

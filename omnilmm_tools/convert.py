@@ -8,12 +8,16 @@ written one at a time, so a 23 GB checkpoint never sits in memory whole.
 """
 
 import argparse
+import ctypes
 import json
+import mmap
+import os
 import shutil
+import struct
+import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
@@ -120,22 +124,97 @@ def parse_size(size: str | int) -> int:
     return int(text)
 
 
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+WRITE_CHUNK_BYTES = 64 * 2**20  # tensors are copied to the shard files this many bytes at a time
+
+
+class MappedPages:
+    """Drops pages of a memory-mapped checkpoint from this process's resident set once they have been copied.
+
+    `torch.load(mmap=True)` maps the whole pickle privately; every page read stays resident (and counts in RSS)
+    until the mapping goes, so copying a 23 GB checkpoint would end with 23 GB resident. `madvise(MADV_DONTNEED)`
+    on a clean private file mapping just unmaps the pages (they stay in the page cache, a later read refaults
+    them). Only addresses inside a mapping of the checkpoint file are ever released (Linux; a no-op elsewhere).
+    """
+
+    def __init__(self, path: Path):
+        self.ranges = []
+        self.madvise = None
+        if not sys.platform.startswith("linux"):
+            return
+        try:
+            target = os.path.realpath(path)
+            with open("/proc/self/maps") as maps:
+                for line in maps:
+                    fields = line.split(maxsplit=5)
+                    if len(fields) == 6 and fields[5].strip() == target:
+                        start, end = (int(x, 16) for x in fields[0].split("-"))
+                        self.ranges.append((start, end))
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            self.madvise = libc.madvise
+        except (OSError, AttributeError):
+            self.ranges = []
+
+    def release(self, address: int, nbytes: int) -> None:
+        page = mmap.PAGESIZE
+        for start, end in self.ranges:
+            low, high = max(address - address % page, start), min(address + nbytes, end)
+            if low < high:
+                high += -high % page
+                self.madvise(low, min(high, end) - low, 4)  # MADV_DONTNEED
+
+
+def write_safetensors(path: Path, tensors: dict, metadata: dict, pages: MappedPages | None = None) -> int:
+    """Write `tensors` as a safetensors file, streaming each one's bytes from where it lies (the mmap'd pickle)
+    in `WRITE_CHUNK_BYTES` pieces and releasing the source pages behind it: no copy of the shard is ever held.
+    Returns the file size."""
+    header, offset = {}, 0
+    for name, tensor in tensors.items():
+        if tensor.dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{name} has dtype {tensor.dtype}, which safetensors cannot store")
+        nbytes = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header["__metadata__"] = metadata
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(blob)) + blob)
+        for tensor in tensors.values():
+            source = tensor if tensor.is_contiguous() else tensor.contiguous()
+            data = source.reshape(-1).view(torch.uint8).numpy()
+            for start in range(0, data.size, WRITE_CHUNK_BYTES):
+                handle.write(data[start : start + WRITE_CHUNK_BYTES])
+                if pages is not None and source is tensor:
+                    pages.release(source.data_ptr() + start, min(WRITE_CHUNK_BYTES, data.size - start))
+    return 8 + len(blob) + offset
+
+
 def convert_weights(src: Path, dst: Path, config, max_shard_size: int) -> dict:
-    """Stream the pickle(s) into safetensors shards of at most `max_shard_size` bytes; returns the weight map."""
+    """Stream the pickle(s) into safetensors shards of at most `max_shard_size` bytes; returns the weight map.
+
+    Tensors are checked against the model's layout, then copied from the memory-mapped pickle straight into the
+    shard file and their pages released: resident memory stays at about one `WRITE_CHUNK_BYTES` piece."""
     expected = expected_state_dict_shapes(config)
     seen, weight_map, shard, shard_bytes, shards = set(), {}, {}, 0, []
 
-    def flush():
+    def flush(pages):
         nonlocal shard, shard_bytes
         if shard:
             name = f"model-{len(shards) + 1:05d}.safetensors"
-            save_file(shard, str(dst / name), metadata={"format": "pt"})
+            write_safetensors(dst / name, shard, {"format": "pt"}, pages)
             shards.append(name)
             weight_map.update(dict.fromkeys(shard, name))
         shard, shard_bytes = {}, 0
 
     for path in checkpoint_files(src):
         state_dict = load_pickle(path)
+        pages = MappedPages(path)
         for key in tqdm(list(state_dict), desc=f"converting {path.name}", unit="tensor"):
             tensor = state_dict.pop(key)
             if key.endswith(IGNORED_KEY_SUFFIXES):
@@ -146,12 +225,12 @@ def convert_weights(src: Path, dst: Path, config, max_shard_size: int) -> dict:
                 raise ValueError(f"{key} has shape {tuple(tensor.shape)} in {path}, the config needs {expected[key]}")
             size = tensor.numel() * tensor.element_size()
             if shard and shard_bytes + size > max_shard_size:
-                flush()
-            shard[key] = tensor.contiguous().clone()  # own memory: shared storages cannot go to safetensors
+                flush(pages)
+            shard[key] = tensor  # a view of the mmap'd pickle: written (and its pages released) by flush()
             shard_bytes += size
             seen.add(key)
+        flush(pages)  # before the next file's mapping replaces this one
         del state_dict
-    flush()
     persistent_missing = sorted(set(expected) - seen)
     if persistent_missing:
         raise ValueError(f"the checkpoint lacks {len(persistent_missing)} tensors, e.g. {persistent_missing[:5]}")

@@ -1,0 +1,57 @@
+"""`omnilmm-bench --smoke` runs every comparison at tiny sizes and prints each ratio next to its target."""
+
+import re
+
+import pytest
+
+from omnilmm_tools import bench
+
+EXPECTED_ROWS = {
+    "1 preprocessing": 4,  # 2 photo sizes x (LLaVA-NeXT PIL, LLaVA-NeXT torchvision)
+    "2 vision": 1,
+    "3 generation overhead": 1,
+    "4 multi-turn": 1,
+    "5 batched generation": 1,
+    "6 conversion": 1,
+    "6 loading": 2,
+}
+ROW = re.compile(r"^\s+(.+?)\s+ratio\s+(\d+\.\d+)\s+target\s+(<=|>=|<|>)\s+(\d+\.\d+)\s+(PASS|FAIL)", re.M)
+SUMMARY = re.compile(r"^  (\d [a-z -]+?)\s{2,}.+?\s(\d+\.\d{3})\s+(<=|>=|<|>) \d+\.\d+\s+(PASS|FAIL)$", re.M)
+
+
+@pytest.fixture(scope="module")
+def smoke_output(tmp_path_factory):
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert bench.main(["--smoke", "--workdir", str(tmp_path_factory.mktemp("bench"))]) == 0
+    return out.getvalue()
+
+
+def test_smoke_prints_every_comparison_with_a_ratio_and_a_verdict(smoke_output):
+    for title in ("== 1.", "== 2.", "== 3.", "== 4.", "== 5.", "== 6.", "== Summary"):
+        assert title in smoke_output, f"{title} missing from:\n{smoke_output}"
+    rows = ROW.findall(smoke_output)
+    assert len(rows) == sum(EXPECTED_ROWS.values()), smoke_output
+    for _, ratio, _, _, _ in rows:
+        assert float(ratio) > 0
+    summary = smoke_output.split("== Summary", 1)[1]
+    counts = {}
+    for comparison, _, _, _ in SUMMARY.findall(summary):
+        counts[comparison] = counts.get(comparison, 0) + 1
+    assert counts == EXPECTED_ROWS, summary
+
+
+def test_rows_judge_their_targets():
+    assert bench.Row("x", "y", 1.04, "<= 1.05").passed
+    assert not bench.Row("x", "y", 1.06, "<= 1.05").passed
+    assert bench.Row("x", "y", 1.5, ">= 1.50").passed
+    assert not bench.Row("x", "y", 1.0, "> 1.00").passed
+
+
+def test_skip_convert_and_only_select_comparisons(capsys):
+    assert bench.main(["--smoke", "--only", "vision,convert", "--skip-convert"]) == 0
+    output = capsys.readouterr().out
+    assert "== 2." in output and "== 1." not in output and "== 6." not in output
