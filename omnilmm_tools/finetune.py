@@ -1,0 +1,623 @@
+"""`omnilmm-finetune`: fine-tune an OmniLMM Hub folder (or a fresh random model) on MiniCPM-V-format data.
+
+The data (SPEC §9) is one JSON list of samples
+``{"id": ..., "image": "a.png" | {"<image_00>": "a.png", "<image_01>": "b.png"}, "conversations": [{"role": "user",
+"content": "<image>\\nWhat is this?"}, {"role": "assistant", "content": "..."}, ...]}``:
+several images per sample and several turns are fine. Images are placed where their placeholder is: ``<image>``, or
+for a dict of images its keys (``<image_00>`` ...) written in the text; a single image with no placeholder goes in
+front of the first user message (as MiniCPM-V's trainer does). Each image goes through the processor (slicing
+included), the conversation through the chat template (Zephyr's), and only the assistant tokens and their closing
+``</s>`` carry labels.
+
+Training is the Hugging Face `Trainer` (progress bars, logging, checkpoints, DeepSpeed, multi-process): run it
+under ``torchrun --nproc_per_node N`` or ``accelerate launch`` for several processes (CPU: gloo). The global batch is
+``--batch-size x processes x --grad-accum``. The output folder is a Hub folder that
+``AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`` loads; a LoRA run saves the adapter (and, with
+``--merge-lora``, the merged model).
+
+    omnilmm-finetune --model ./omnilmm-12b-hf --data train.json --output ./out --lora --bf16 \\
+        --gradient-checkpointing --deepspeed configs/deepspeed_zero2.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from .remote import REMOTE_CODE_FILES, ROOT, remote_module
+
+IGNORE_INDEX = -100
+IMAGE_PLACEHOLDER = "<image>"
+NUMBERED_PLACEHOLDER = re.compile(r"<image_\d+>")
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+ROLE_ALIASES = {"human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant", "system": "system"}
+
+
+class BadSample(ValueError):
+    """A sample that cannot be trained on (missing image, placeholder/image mismatch, malformed conversation...)."""
+
+    def __init__(self, sample_id, reason: str):
+        super().__init__(f"sample {sample_id!r}: {reason}")
+        self.sample_id = sample_id
+        self.reason = reason
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def say(message: str, all_ranks: bool = False) -> None:
+    if all_ranks or is_main_process():
+        print(f"omnilmm-finetune: {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Samples: JSON → messages with <image> placeholders + image paths in placeholder order
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def parse_sample(sample: dict, base_dir: Path) -> tuple[list[dict], list[Path]]:
+    """One SPEC §9 sample → `(messages, image_paths)`. The messages' user contents hold one ``<image>`` per image, in
+    the order of `image_paths`. Raises `BadSample` naming the sample's id for anything that cannot be trained on."""
+    sample_id = sample.get("id", "?") if isinstance(sample, dict) else "?"
+    if not isinstance(sample, dict):
+        raise BadSample(sample_id, f"a sample must be a JSON object, got {type(sample).__name__}")
+    conversations = sample.get("conversations")
+    if not isinstance(conversations, list) or not conversations:
+        raise BadSample(sample_id, "it has no 'conversations' list")
+    messages = []
+    for turn in conversations:
+        if not isinstance(turn, dict):
+            raise BadSample(sample_id, "every conversation turn must be an object with 'role' and 'content'")
+        role = ROLE_ALIASES.get(turn.get("role", turn.get("from")))
+        content = turn.get("content", turn.get("value"))
+        if role is None or not isinstance(content, str):
+            raise BadSample(sample_id, f"a turn needs a role (user/assistant/system) and a string content, got {turn}")
+        messages.append({"role": role, "content": content})
+    if messages[0]["role"] == "system":
+        system, rest = messages[:1], messages[1:]
+    else:
+        system, rest = [], messages
+    if not rest or any(m["role"] != ("user" if i % 2 == 0 else "assistant") for i, m in enumerate(rest)):
+        raise BadSample(sample_id, "turns must alternate user, assistant, user, ... (after an optional system turn)")
+    if rest[-1]["role"] != "assistant":
+        raise BadSample(sample_id, "the conversation must end with an assistant turn")
+    messages = system + rest
+    for message in messages:
+        if message["role"] == "assistant" and (IMAGE_PLACEHOLDER in message["content"] or NUMBERED_PLACEHOLDER.search(message["content"])):
+            raise BadSample(sample_id, "an assistant turn holds an image placeholder")
+
+    image = sample.get("image", sample.get("images"))
+    if image is None or image == {} or image == []:
+        images = {}
+    elif isinstance(image, str):
+        images = {IMAGE_PLACEHOLDER: image}
+    elif isinstance(image, dict):
+        images = dict(image)
+    elif isinstance(image, list):
+        images = {f"<image_{i:02d}>": path for i, path in enumerate(image)}
+    else:
+        raise BadSample(sample_id, f"'image' must be a path, a dict of placeholder -> path or a list, got {type(image).__name__}")
+
+    paths: list[Path] = []
+    keys = [key for key in images if key != IMAGE_PLACEHOLDER]
+    keyed_in_text = [key for key in keys if any(key in m["content"] for m in messages)]
+    if keyed_in_text:  # "<image_00>"-style placeholders written in the text: each key once, in order of appearance
+        if len(keyed_in_text) != len(keys):
+            missing = [key for key in keys if key not in keyed_in_text]
+            raise BadSample(sample_id, f"images {missing} have no placeholder in the conversation")
+        found = []
+        for index, message in enumerate(messages):
+            if IMAGE_PLACEHOLDER in message["content"]:
+                raise BadSample(sample_id, "it mixes <image> with <image_NN> placeholders")
+            for key in keys:
+                count = message["content"].count(key)
+                if count > 1 or (count and any(key in m["content"] for m in messages[index + 1 :])):
+                    raise BadSample(sample_id, f"the placeholder {key} appears more than once")
+                if count:
+                    found.append((index, message["content"].index(key), key))
+        for index, _, key in sorted(found):
+            messages[index]["content"] = messages[index]["content"].replace(key, IMAGE_PLACEHOLDER)
+            paths.append(images[key])
+    else:  # "<image>" placeholders take the images in the order given (dict keys in their order)
+        paths = list(images.values())
+        count = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
+        if count == 0 and len(paths) == 1:
+            first_user = next(m for m in messages if m["role"] == "user")
+            first_user["content"] = f"{IMAGE_PLACEHOLDER}\n{first_user['content']}"
+            count = 1
+        if count != len(paths):
+            raise BadSample(sample_id, f"{count} image placeholders in the text but {len(paths)} images")
+    leftover = [m["content"] for m in messages if NUMBERED_PLACEHOLDER.search(m["content"])]
+    if leftover:
+        raise BadSample(sample_id, f"placeholders {NUMBERED_PLACEHOLDER.findall(leftover[0])} have no image")
+
+    resolved = []
+    for path in paths:
+        if not isinstance(path, str):
+            raise BadSample(sample_id, f"image paths must be strings, got {path!r}")
+        full = Path(path) if os.path.isabs(path) else base_dir / path
+        if not full.is_file():
+            raise BadSample(sample_id, f"image file {str(full)!r} does not exist")
+        resolved.append(full)
+    return messages, resolved
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Conversation → input_ids, labels, pixel_values
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def render_chat(processor, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The chat-template text of `messages` and the character ranges that carry labels: every assistant content and
+    the end-of-sequence token that closes it. The ranges are found by rendering each prefix of the conversation with
+    the generation prompt (the template must render a conversation as the concatenation of its turns)."""
+    tokenizer = processor.tokenizer
+    template_owner = processor if getattr(processor, "chat_template", None) else tokenizer
+
+    def render(msgs, generation_prompt):
+        return template_owner.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+
+    full = render(messages, False)
+    eos = tokenizer.eos_token
+    ranges = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prefix = render(messages[:index], True)
+        start, stop = len(prefix), len(prefix) + len(message["content"])
+        if not full.startswith(prefix) or full[start:stop] != message["content"] or full[stop : stop + len(eos)] != eos:
+            raise ValueError(
+                "the chat template does not render a conversation as the concatenation of its turns (each assistant "
+                f"turn = prompt + content + {eos}); cannot find the assistant tokens"
+            )
+        ranges.append((start, stop + len(eos)))
+    return full, ranges
+
+
+def build_example(processor, messages: list[dict], images: list, max_slice_nums=None, max_length: int | None = None,
+                  sample_id="?") -> dict:
+    """One training example: ``input_ids``, ``labels`` (1-D tensors) and ``pixel_values`` (a list of ``(3, H, W)``
+    tensors in span order). `messages` hold one ``<image>`` per image of `images` (PIL images or paths), in order.
+
+    The conversation is rendered with the chat template and then goes through the processor exactly as a prompt
+    does at inference (placeholder expansion, slicing, BOS, span checks); the tokens inside the assistant turns
+    (and their closing ``</s>``) get labels, found from the tokenizer's character offsets."""
+    text, ranges = render_chat(processor, messages)
+    kwargs = {} if max_slice_nums is None else {"max_slice_nums": max_slice_nums}
+    try:
+        encoding = processor(
+            text=[text],
+            images=[list(images)] if images else None,
+            padding=False,
+            return_tensors=None,
+            return_offsets_mapping=True,
+            return_text_replacement_offsets=True,
+            **kwargs,
+        )
+    except (ValueError, TypeError, OSError) as error:
+        raise BadSample(sample_id, str(error)) from None
+    # Map the assistant ranges of `text` into the expanded text (the placeholders before them grew into spans).
+    replacements = encoding["text_replacement_offsets"][0]
+
+    def moved(position):
+        return position + sum(
+            (r["new_span"][1] - r["new_span"][0]) - (r["span"][1] - r["span"][0]) for r in replacements if r["span"][1] <= position
+        )
+
+    ranges = [(moved(a), moved(b)) for a, b in ranges]
+    input_ids = torch.tensor(encoding["input_ids"][0], dtype=torch.long)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    for position, (start, stop) in enumerate(encoding["offset_mapping"][0]):
+        if stop > start and any(a <= start and stop <= b for a, b in ranges):
+            labels[position] = input_ids[position]
+    if max_length is not None and len(input_ids) > max_length:
+        raise BadSample(sample_id, f"it is {len(input_ids)} tokens long, more than --max-length {max_length} (it is "
+                                   "not truncated: that could cut an image span)")
+    if (labels != IGNORE_INDEX).sum() == 0:
+        raise BadSample(sample_id, "no token carries a label (empty assistant turns?)")
+    pixel_values = list(encoding["pixel_values"][0]) if images else []
+    return {"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values}
+
+
+class SupervisedDataset(Dataset):
+    """SPEC §9 JSON → training examples, built on access. Samples that fail the up-front checks (missing image
+    file, placeholder/image count mismatch, malformed conversation) are dropped with a message naming their id
+    (``bad_sample="skip"``) or stop everything (``"stop"``); a sample that fails later (an unreadable image, too
+    long) is replaced by the next good one, or stops."""
+
+    def __init__(self, data_path, processor, max_slice_nums=None, max_length=2048, bad_sample="skip"):
+        data_path = Path(data_path)
+        raw = json.loads(data_path.read_text())
+        if not isinstance(raw, list):
+            raise ValueError(f"{data_path} must hold a JSON list of samples")
+        self.processor = processor
+        self.max_slice_nums, self.max_length, self.bad_sample = max_slice_nums, max_length, bad_sample
+        self.samples, self.skipped = [], []
+        for sample in raw:
+            try:
+                messages, paths = parse_sample(sample, data_path.parent)
+            except BadSample as error:
+                self.handle_bad(error)
+                continue
+            self.samples.append((str(sample.get("id", len(self.samples))), messages, paths))
+        if not self.samples:
+            raise ValueError(f"{data_path} has no usable samples")
+
+    def handle_bad(self, error: BadSample):
+        if self.bad_sample == "stop":
+            raise SystemExit(f"omnilmm-finetune: bad {error} (stopping; --bad-sample skip would skip it)")
+        self.skipped.append(error.sample_id)
+        say(f"skipping bad {error}")
+
+    def __len__(self):
+        return len(self.samples)
+
+    def example(self, index: int) -> dict:
+        sample_id, messages, paths = self.samples[index]
+        try:
+            from PIL import Image
+
+            images = []
+            for path in paths:
+                with Image.open(path) as image:
+                    images.append(image.convert("RGB"))
+        except Exception as error:  # unreadable or corrupt image
+            raise BadSample(sample_id, f"cannot read its images: {error}") from None
+        messages = [dict(m) for m in messages]
+        return build_example(self.processor, messages, images, self.max_slice_nums, self.max_length, sample_id)
+
+    def __getitem__(self, index: int) -> dict:
+        for attempt in range(len(self.samples)):
+            current = (index + attempt) % len(self.samples)
+            try:
+                return self.example(current)
+            except BadSample as error:
+                if self.bad_sample == "stop":
+                    raise SystemExit(f"omnilmm-finetune: bad {error} (stopping; --bad-sample skip would skip it)")
+                say(f"skipping bad {error}; using the next sample instead", all_ranks=True)
+        raise RuntimeError("no sample of the data set can be built")
+
+
+@dataclass
+class Collator:
+    """Right-pads ``input_ids`` (pad token, attention mask 0) and ``labels`` (-100); ``pixel_values`` stays a list
+    per sample of lists of ``(3, H, W)`` tensors (slices differ in size)."""
+
+    pad_token_id: int
+
+    def __call__(self, examples: list[dict]) -> dict:
+        length = max(len(e["input_ids"]) for e in examples)
+        input_ids = torch.full((len(examples), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+        for row, example in enumerate(examples):
+            n = len(example["input_ids"])
+            input_ids[row, :n] = example["input_ids"]
+            labels[row, :n] = example["labels"]
+            attention_mask[row, :n] = 1
+        pixel_values = [list(e["pixel_values"]) for e in examples]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "pixel_values": pixel_values}
+
+
+def make_trainer_class():
+    """`Trainer` whose loss runs the LM head only where a label is: the logits of the other positions (the prompt,
+    the image spans, the padding; most of a sequence) are never computed. Exactly the shifted causal-LM loss of
+    `OmniLMMForCausalLM` (mean over labelled tokens, or over `num_items_in_batch` across accumulation steps and
+    processes), several times faster and lighter for a 32,009-token vocabulary."""
+    import torch.nn.functional as F
+    from transformers import Trainer
+
+    class OmniLMMTrainer(Trainer):
+        def lm_head(self, model):
+            unwrapped = self.accelerator.unwrap_model(model)
+            if hasattr(unwrapped, "get_base_model"):  # PEFT
+                unwrapped = unwrapped.get_base_model()
+            return unwrapped.lm_head
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs["labels"]
+            targets = labels[:, 1:]
+            keep = torch.zeros_like(labels, dtype=torch.bool)
+            keep[:, :-1] = targets != IGNORE_INDEX  # position t predicts token t + 1
+            hook = self.lm_head(model).register_forward_pre_hook(lambda module, args: (args[0][keep], *args[1:]))
+            try:
+                outputs = model(**{key: value for key, value in inputs.items() if key != "labels"})
+            finally:
+                hook.remove()
+            loss = F.cross_entropy(outputs.logits.float(), targets[targets != IGNORE_INDEX], reduction="sum")
+            if num_items_in_batch is None:
+                loss = loss / max(int((targets != IGNORE_INDEX).sum()), 1)
+            else:
+                loss = loss / num_items_in_batch
+                if self.args.average_tokens_across_devices:
+                    loss = loss * self.accelerator.num_processes  # DDP averages the gradients over processes
+            return (loss, outputs) if return_outputs else loss
+
+    return OmniLMMTrainer
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Model, processor, trainable parameters
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def init_from_config(spec: str):
+    """`--init-config`: a JSON file or inline JSON object with OmniLMMConfig keyword arguments and, under
+    ``"image_processor"``, OmniLMMImageProcessor ones. Returns a fresh random model and its processor."""
+    text = Path(spec).read_text() if Path(spec).is_file() else spec
+    try:
+        settings = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"omnilmm-finetune: --init-config must be a JSON file or a JSON object: {error}") from None
+    image_processor_kwargs = settings.pop("image_processor", {})
+    settings.pop("_comment", None)
+    config = remote_module("configuration_omnilmm").OmniLMMConfig(**settings)
+    model = remote_module("modeling_omnilmm").OmniLMMForCausalLM(config)
+    from .tokenizer import build_tokenizer
+
+    image_processor = remote_module("image_processing_omnilmm").OmniLMMImageProcessor(
+        image_size=config.image_size, **image_processor_kwargs
+    )
+    processor = remote_module("processing_omnilmm").OmniLMMProcessor(
+        image_processor=image_processor, tokenizer=build_tokenizer(), num_query=config.num_query
+    )
+    return model, processor
+
+
+def load_model_and_processor(args):
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    if args.init_config:
+        model, processor = init_from_config(args.init_config)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True, dtype=torch.float32)
+        processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    if args.max_slice_nums is not None:
+        processor.image_processor.max_slice_nums = args.max_slice_nums
+    if args.attn_implementation:
+        model.config._attn_implementation = args.attn_implementation
+    return model, processor
+
+
+def lora_target_regex(targets: list[str]) -> str:
+    """A PEFT `target_modules` regex that only matches the decoder's layers (never the vision tower/resampler)."""
+    names = "|".join(re.escape(t) for t in targets)
+    return rf"model\.layers\.\d+\.(self_attn|mlp)\.({names})"
+
+
+def set_trainable(model, args):
+    """Freeze / unfreeze the vision tower, the resampler (always trained) and the LLM; wrap with LoRA if asked."""
+    inner = model.model
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    if args.lora:
+        from peft import LoraConfig, get_peft_model
+
+        modules_to_save = ["resampler"] + (["vision_tower"] if args.tune_vision else [])
+        config = LoraConfig(
+            r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            target_modules=lora_target_regex(args.lora_target_modules),
+            modules_to_save=modules_to_save,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, config)
+        return model
+    inner.resampler.requires_grad_(True)
+    if args.tune_vision:
+        inner.vision_tower.requires_grad_(True)
+    if args.tune_llm:
+        for module in (inner.embed_tokens, inner.layers, inner.norm, model.lm_head):
+            module.requires_grad_(True)
+    return model
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def write_generation_config(model, dst: Path, greedy: bool = False) -> None:
+    from transformers import GenerationConfig
+
+    from .convert import SAMPLING_DEFAULTS
+
+    settings = {"do_sample": False} if greedy else dict(SAMPLING_DEFAULTS)
+    source = getattr(model, "generation_config", None)
+    base = {}
+    if source is not None:
+        base = {k: v for k, v in source.to_diff_dict().items() if not k.startswith("_") and k != "transformers_version"}
+        for key in ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty"):
+            base.pop(key, None)
+    config = model.config
+    values = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, "pad_token_id": 0,
+              "max_new_tokens": 1024, **base, **settings, "use_cache": True}
+    GenerationConfig(**values).save_pretrained(dst)
+
+
+def save_hub_folder(model, processor, dst: Path, dtype: torch.dtype | None, greedy: bool) -> None:
+    """`model` (an OmniLMMForCausalLM) as a self-contained Hub folder: config, safetensors, processor and tokenizer
+    files, the remote-code .py files and generation_config.json."""
+    from .convert import copy_remote_code
+
+    dst.mkdir(parents=True, exist_ok=True)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.config.use_cache = True
+    model.save_pretrained(dst)
+    processor.save_pretrained(dst)
+    copy_remote_code(dst)
+    write_generation_config(model, dst, greedy)
+
+
+def save_outputs(trainer, model, processor, args) -> None:
+    output = Path(args.output)
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": None}[args.save_dtype]
+    if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+        if not trainer.accelerator.is_main_process:
+            return
+        model.load_state_dict(state_dict, strict=False)
+    if not trainer.is_world_process_zero():
+        return
+    if args.lora:
+        adapter_dir = output / "adapter" if args.merge_lora else output
+        base_dir = output / "base_model" if args.init_config else Path(args.model)  # the base saved before training
+        model.peft_config["default"].base_model_name_or_path = str(base_dir.resolve())
+        model.save_pretrained(adapter_dir)
+        if not args.merge_lora:
+            processor.save_pretrained(adapter_dir)
+            say(f"saved the LoRA adapter to {adapter_dir} (load: PeftModel.from_pretrained(base, {str(adapter_dir)!r}))")
+            return
+        merged = model.merge_and_unload()
+        save_hub_folder(merged, processor, output, dtype, args.greedy_generation_config)
+        say(f"saved the merged model to {output} and the adapter to {adapter_dir}")
+        return
+    save_hub_folder(model, processor, output, dtype, args.greedy_generation_config)
+    say(f"saved the model to {output}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="omnilmm-finetune", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="an OmniLMM Hub folder (config, weights, processor) to start from")
+    source.add_argument("--init-config", help="start from a fresh random model: a JSON file (or inline JSON) of "
+                        "OmniLMMConfig arguments, with image-processor arguments under \"image_processor\"")
+    parser.add_argument("--data", required=True, help="training data: a JSON list in MiniCPM-V's format (SPEC §9)")
+    parser.add_argument("--output", required=True, help="folder for the fine-tuned Hub folder (and checkpoints)")
+    parser.add_argument("--tune-vision", action=argparse.BooleanOptionalAction, default=True, help="train the vision tower")
+    parser.add_argument("--tune-llm", action=argparse.BooleanOptionalAction, default=True,
+                        help="train the language model fully (ignored with --lora, which trains adapters instead)")
+    parser.add_argument("--lora", action="store_true", help="LoRA adapters on the LLM; the resampler is trained fully")
+    parser.add_argument("--lora-target-modules", default=",".join(DEFAULT_LORA_TARGETS),
+                        help="comma-separated projection names of the decoder layers to adapt (vision tower excluded)")
+    parser.add_argument("--lora-r", type=int, default=64)
+    parser.add_argument("--lora-alpha", type=int, default=64)
+    parser.add_argument("--lora-dropout", type=float, default=0.05)
+    parser.add_argument("--merge-lora", action="store_true", help="save the merged model (the adapter goes to OUTPUT/adapter)")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="for the LLM and the vision tower")
+    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
+    parser.add_argument("--fp16", action="store_true", help="fp16 mixed precision (GPU)")
+    parser.add_argument("--max-slice-nums", type=int, default=None, help="most tiles per image (default: the processor's)")
+    parser.add_argument("--max-length", type=int, default=2048,
+                        help="longest sample in tokens; longer ones are bad samples (never truncated through an image)")
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimiser steps (overrides --epochs)")
+    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--warmup-ratio", type=float, default=0.0)
+    parser.add_argument("--lr-scheduler", default="cosine")
+    parser.add_argument("--batch-size", type=int, default=1, help="per device (process)")
+    parser.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    parser.add_argument("--optim", default="adamw_torch", help="a TrainingArguments optimizer name")
+    parser.add_argument("--seed", type=int, default=42, help="model initialisation and data order")
+    parser.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True,
+                        help="shuffle the data each epoch (seeded: the order is the same for any number of processes)")
+    parser.add_argument("--bad-sample", choices=("skip", "stop"), default="skip",
+                        help="a bad sample (missing image, placeholder/image mismatch ...) is skipped or stops the run")
+    parser.add_argument("--logging-steps", type=int, default=10)
+    parser.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: only the final model)")
+    parser.add_argument("--save-dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
+                        help="dtype of the saved weights (auto: as trained)")
+    parser.add_argument("--greedy-generation-config", action="store_true",
+                        help="write a greedy generation_config.json (default: the original's sampling settings)")
+    parser.add_argument("--attn-implementation", choices=("sdpa", "eager", "flash_attention_2"), default=None)
+    parser.add_argument("--deepspeed", default=None, help="a DeepSpeed config JSON, e.g. configs/deepspeed_zero2.json")
+    parser.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes")
+    parser.add_argument("--report-to", default="none")
+    args = parser.parse_args(argv)
+    args.lora_target_modules = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
+    if args.merge_lora and not args.lora:
+        parser.error("--merge-lora needs --lora")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    from transformers import TrainingArguments, set_seed
+
+    set_seed(args.seed)
+    model, processor = load_model_and_processor(args)
+    if processor.num_query != model.config.num_query:
+        raise SystemExit(f"omnilmm-finetune: the processor makes {processor.num_query} image tokens per span, the model "
+                         f"expects {model.config.num_query}")
+    dataset = SupervisedDataset(args.data, processor, args.max_slice_nums, args.max_length, args.bad_sample)
+    say(f"{len(dataset)} training samples" + (f" ({len(dataset.skipped)} bad ones skipped)" if dataset.skipped else ""))
+    if args.lora and args.init_config and is_main_process():  # the adapter needs its (random) base: keep it
+        save_hub_folder(model, processor, Path(args.output) / "base_model", None, greedy=False)
+    model = set_trainable(model, args)
+    trainable, total = count_parameters(model)
+    say(f"training {trainable:,} of {total:,} parameters")
+    if args.gradient_checkpointing:
+        inner = model.get_base_model() if args.lora else model
+        inner.model.vision_tower.set_grad_checkpointing(True)
+
+    training_args = TrainingArguments(
+        output_dir=args.output,
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_ratio,
+        lr_scheduler_type=args.lr_scheduler,
+        max_grad_norm=args.max_grad_norm,
+        optim=args.optim,
+        logging_steps=args.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps" if args.save_steps else "no",
+        save_steps=args.save_steps or 500,
+        seed=args.seed,
+        data_seed=args.seed,
+        train_sampling_strategy="random" if args.shuffle else "sequential",
+        bf16=args.bf16,
+        fp16=args.fp16,
+        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
+        remove_unused_columns=False,
+        ddp_find_unused_parameters=True,  # text-only batches leave the vision tower and resampler unused
+        dataloader_num_workers=args.num_workers,
+        deepspeed=args.deepspeed,
+        report_to=args.report_to,
+    )
+    trainer = make_trainer_class()(model=model, args=training_args, train_dataset=dataset, data_collator=Collator(processor.tokenizer.pad_token_id))
+    start = time.time()
+    result = trainer.train()
+    elapsed = time.time() - start
+    say(f"trained {trainer.state.global_step} steps in {elapsed:.0f} s (train loss {result.training_loss:.4f})")
+    save_outputs(trainer, trainer.accelerator.unwrap_model(trainer.model), processor, args)
+    if trainer.is_world_process_zero():
+        log = {"train_seconds": elapsed, "global_step": trainer.state.global_step, "skipped": dataset.skipped,
+               "world_size": training_args.world_size, "log_history": trainer.state.log_history}
+        Path(args.output).mkdir(parents=True, exist_ok=True)
+        (Path(args.output) / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
