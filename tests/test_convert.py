@@ -86,3 +86,10 @@ def test_a_folder_whose_vocabulary_mistral_cannot_serve_still_converts(tmp_path,
     assert "tokenizer.json" not in names and "model.safetensors" in names
     image_processor = AutoProcessor.from_pretrained(dst, trust_remote_code=True)
     assert type(image_processor).__name__ == "OmniLMMImageProcessor"
+
+
+def test_the_shipped_demo_model_carries_the_current_remote_code():
+    from omnilmm_tools.remote import ROOT
+
+    for name in REMOTE_CODE_FILES:
+        assert (ROOT / "demo_model" / name).read_text() == (ROOT / name).read_text(), f"demo_model/{name} is stale"
