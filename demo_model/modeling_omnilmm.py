@@ -7,12 +7,14 @@ Every image becomes `num_query` tokens that replace the `<im_patch>` tokens of o
 import copy
 import hashlib
 import math
+import os
 import threading
 from collections import OrderedDict, defaultdict
 
 import timm
 from timm.models import eva as timm_eva
 import torch
+from PIL import Image
 from torch import nn
 from transformers import AutoProcessor, MistralForCausalLM, MistralModel, TextIteratorStreamer
 from transformers import initialization as init
@@ -23,7 +25,8 @@ from .configuration_omnilmm import OmniLMMConfig
 from .resampler import Resampler, get_2d_sincos_pos_embed
 
 MAX_FRAMES_WITH_SLICES = 16  # chat(): more images than this in one conversation are encoded unsliced (video)
-VISION_CACHE_SIZE = 64  # chat(): features of this many recent images are kept for later turns
+VISION_CACHE_SIZE = 64  # chat(): the features of this many recent views (images, tiles) are kept for later turns
+LM_HEAD_BLOCK = 2048  # CPU decoding: vocabulary rows per block of the LM head (see `lm_head_logits`)
 
 # transformers 5.24 renamed the cache field of model outputs (`past_key_values` before).
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -97,6 +100,18 @@ def flatten_images(images) -> list[torch.Tensor] | torch.Tensor:
     return flat
 
 
+def eva_pos_embed(tower) -> torch.Tensor:
+    """A new tower's absolute positions `(1, prefix + grid_h * grid_w, embed_dim)`: MAE's 2-D sin-cos table for the
+    patches, zeros for the class token. (timm's random 0.02 table is too faint next to the patch embeddings for a
+    tower trained from scratch to learn where its patches are.) Non-square grids keep timm's random table."""
+    grid_h, grid_w = tower.patch_embed.grid_size
+    prefix = tower.pos_embed.shape[1] - grid_h * grid_w
+    if grid_h != grid_w or tower.embed_dim % 4:
+        return torch.nn.init.trunc_normal_(torch.empty_like(tower.pos_embed, device="cpu"), std=0.02)
+    table = get_2d_sincos_pos_embed(tower.embed_dim, grid_h)
+    return torch.cat([torch.zeros(prefix, tower.embed_dim), table])[None]
+
+
 class OmniLMMPreTrainedModel(MistralPreTrainedModel):
     config_class = OmniLMMConfig
     config: OmniLMMConfig
@@ -122,8 +137,10 @@ class OmniLMMPreTrainedModel(MistralPreTrainedModel):
             init.zeros_(module.q_bias)
             init.zeros_(module.v_bias)
         elif hasattr(module, "cls_token") and hasattr(module, "pos_embed"):  # timm's Eva
-            init.trunc_normal_(module.pos_embed, std=0.02)
-            init.trunc_normal_(module.cls_token, std=0.02)
+            if module.cls_token is not None:
+                init.trunc_normal_(module.cls_token, std=0.02)
+            if module.pos_embed is not None:
+                init.copy_(module.pos_embed, eva_pos_embed(module))
         else:
             super()._init_weights(module)
 
@@ -353,6 +370,26 @@ def chat_conversation(msgs, image=None, system_prompt=None) -> tuple[list[dict],
     return conversation, images
 
 
+def view_key(view: torch.Tensor) -> tuple:
+    """A cache key for one preprocessed view: its shape, dtype and a hash of its bytes (read in place, no copy)."""
+    data = view.detach().cpu().contiguous().view(torch.uint8).numpy()
+    return tuple(view.shape), view.dtype, hashlib.sha1(data).hexdigest()
+
+
+def image_key(image, max_pixels) -> tuple | None:
+    """A cache key for an image given to `chat()`: a PIL image's pixels, or an image file's path, size and mtime.
+    `None` (preprocessed every time) for anything else, and for images the processor would refuse or cannot read."""
+    try:
+        if isinstance(image, Image.Image) and image.width * image.height <= max_pixels:
+            return "pixels", image.mode, image.size, hashlib.sha1(image.tobytes()).hexdigest()
+        if isinstance(image, (str, os.PathLike)) and os.path.isfile(image):
+            stat = os.stat(image)
+            return "file", os.path.abspath(image), stat.st_size, stat.st_mtime_ns
+    except (OSError, ValueError):  # closed, truncated or corrupt: the processor names the problem
+        return None
+    return None
+
+
 class OmniLMMChatMixin:
     """MiniCPM-V's model-card API: `model.chat(image=..., msgs=[{"role": "user", "content": "..."}], tokenizer=...)`."""
 
@@ -387,31 +424,84 @@ class OmniLMMChatMixin:
             )
         return processor
 
-    def cached_vision_embedding(self, pixel_values) -> torch.Tensor:
-        """`get_vision_embedding`, reusing the features of images already seen (keyed by their pixels)."""
-        images = flatten_images(pixel_values)
+    def clear_chat_cache(self) -> None:
+        """Forget the images `chat()` has seen (their slice grids and features)."""
+        for name in ("_vision_cache", "_vision_cache_last", "_layout_cache"):
+            self.__dict__.pop(name, None)
+
+    def cached_vision_embedding(self, pixel_values, keys=None) -> torch.Tensor:
+        """`get_vision_embedding`, reusing the features of views (images or tiles) already seen, keyed by their
+        pixels (`keys`: their `view_key`s, when already computed)."""
+        views = flatten_images(pixel_values)
+        keys = keys or [view_key(view) for view in views]
         cache = self.__dict__.setdefault("_vision_cache", OrderedDict())
-        # the key hashes the pixels' bytes where they lie (no float copy, no `tobytes()` copy)
-        keys = [
-            (tuple(i.shape), i.dtype, hashlib.sha1(i.detach().cpu().contiguous().view(torch.uint8).numpy()).hexdigest())
-            for i in images
-        ]
         new = [i for i, key in enumerate(keys) if key not in cache]
         if new:
-            for i, feature in zip(new, self.get_vision_embedding([[images[i] for i in new]])):
+            for i, feature in zip(new, self.get_vision_embedding([[views[i] for i in new]])):
                 cache[keys[i]] = feature
+        return self.cached_views(keys)
+
+    def cached_views(self, keys) -> torch.Tensor:
+        """The cached features `(len(keys), num_query, hidden_size)` of the views with these keys (all cached)."""
+        cache = self.__dict__["_vision_cache"]
         for key in keys:
             cache.move_to_end(key)
+        last = self.__dict__.get("_vision_cache_last")
+        if last is not None and last[0] == keys:
+            stacked = last[1]  # the same views as the previous turn: not even a copy
+        else:
+            stacked = torch.stack([cache[key] for key in keys])
+            self.__dict__["_vision_cache_last"] = (keys, stacked)
         while len(cache) > VISION_CACHE_SIZE:
             cache.popitem(last=False)
-        if not keys:
-            return None
-        last = self.__dict__.get("_vision_cache_last")
-        if not new and last is not None and last[0] == keys:
-            return last[1]  # the same images as the previous turn: not even a copy
-        stacked = torch.stack([cache[key] for key in keys])
-        self.__dict__["_vision_cache_last"] = (keys, stacked)
         return stacked
+
+    def chat_inputs(self, processor, prompts, sample_images, max_slice_nums):
+        """Token ids and image features for `chat()`'s rendered `prompts`.
+
+        An image seen in an earlier turn (same pixels or same unchanged file, same processor settings) is neither
+        preprocessed nor encoded again: its `<image>` expands from its remembered slice grid, its features come from
+        the cache. Returns `(inputs, vision_hidden_states)`; the features are `None` for text-only prompts."""
+        settings = (max_slice_nums, processor.image_processor.to_json_string())
+        max_pixels = getattr(processor.image_processor, "max_image_pixels", None) or float("inf")
+        keys = [[image_key(image, max_pixels) for image in images] for images in sample_images]
+        layouts = self.__dict__.setdefault("_layout_cache", OrderedDict())
+        known = [[layouts.get((key, settings)) if key else None for key in sample] for sample in keys]
+        cache = self.__dict__.get("_vision_cache", {})
+        if (
+            any(sample_images)
+            and all(layout is not None for sample in known for layout in sample)
+            and all(view in cache for sample in known for _, views in sample for view in views)
+            and all(prompt.count(processor.image_token) == len(sample) for prompt, sample in zip(prompts, known))
+        ):
+            texts = []
+            for prompt, sample in zip(prompts, known):
+                pieces = prompt.split(processor.image_token)
+                placeholders = [processor.image_placeholder(grid) for grid, _ in sample] + [""]
+                texts.append("".join(piece + placeholder for piece, placeholder in zip(pieces, placeholders)))
+            inputs = processor.tokenizer(texts, padding=True, return_tensors="pt").to(self.device)
+            return inputs, self.cached_views([view for sample in known for _, views in sample for view in views])
+        inputs = processor(
+            text=prompts,
+            images=sample_images if any(sample_images) else None,
+            max_slice_nums=max_slice_nums,
+            return_tensors="pt",
+        ).to(self.device)
+        if inputs.get("pixel_values") is None:
+            return inputs, None
+        view_keys = [[view_key(view) for view in views] for views in inputs["pixel_values"]]
+        features = self.cached_vision_embedding(inputs["pixel_values"], [k for sample in view_keys for k in sample])
+        for sample_keys, grids, sample_view_keys in zip(keys, inputs["slice_grids"], view_keys):
+            start = 0
+            for key, grid in zip(sample_keys, grids):
+                count = 1 + (grid[0] * grid[1] if grid is not None else 0)
+                if key is not None:
+                    layouts[(key, settings)] = (grid, sample_view_keys[start : start + count])
+                    layouts.move_to_end((key, settings))
+                start += count
+        while len(layouts) > VISION_CACHE_SIZE:
+            layouts.popitem(last=False)
+        return inputs, features
 
     @torch.no_grad()
     def chat(
@@ -452,14 +542,11 @@ class OmniLMMChatMixin:
             sample_images.append(conversation_images)
         if max(len(i) for i in sample_images) > MAX_FRAMES_WITH_SLICES:
             max_slice_nums = 1
-        inputs = processor(
-            text=prompts,
-            images=sample_images if any(sample_images) else None,
-            max_slice_nums=max_slice_nums,
-            return_tensors="pt",
-        ).to(self.device)
-        if vision_hidden_states is None and inputs.get("pixel_values") is not None:
-            vision_hidden_states = self.cached_vision_embedding(inputs["pixel_values"])
+        if vision_hidden_states is None:
+            inputs, vision_hidden_states = self.chat_inputs(processor, prompts, sample_images, max_slice_nums)
+        else:
+            inputs = processor(text=prompts, images=sample_images if any(sample_images) else None,
+                               max_slice_nums=max_slice_nums, return_tensors="pt").to(self.device)
         generate_kwargs = {"max_new_tokens": max_new_tokens, "do_sample": bool(sampling), **generate_kwargs}
         generate_kwargs.update(
             input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], vision_hidden_states=vision_hidden_states
@@ -472,6 +559,29 @@ class OmniLMMChatMixin:
         answers = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         answers = [answer.strip() for answer in answers]
         return answers if batched else answers[0]
+
+
+def lm_head_logits(lm_head: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """`lm_head(hidden_states)`: `(..., hidden_size)` → `(..., vocab_size)` logits.
+
+    Decoding a batch on the CPU (2-64 rows, no gradients) multiplies by the weight in blocks of `LM_HEAD_BLOCK`
+    vocabulary rows: MKL's GEMM for a few rows against the whole 32k x hidden weight runs 1.3-1.9x slower than on
+    cache-sized blocks (`omnilmm-bench`, comparison 5). Anything else (GPU, training, offloaded or wrapped heads) is
+    a plain call."""
+    rows = hidden_states.numel() // hidden_states.shape[-1]
+    plain = (
+        type(lm_head) is not nn.Linear
+        or lm_head.weight.device.type != "cpu"
+        or hidden_states.device.type != "cpu"
+        or torch.is_grad_enabled()
+        or not 2 <= rows <= 64
+        or hasattr(lm_head, "_hf_hook")
+    )
+    if plain:
+        return lm_head(hidden_states)
+    blocks = lm_head.weight.split(LM_HEAD_BLOCK)
+    biases = lm_head.bias.split(LM_HEAD_BLOCK) if lm_head.bias is not None else [None] * len(blocks)
+    return torch.cat([nn.functional.linear(hidden_states, w, b) for w, b in zip(blocks, biases)], dim=-1)
 
 
 class OmniLMMForCausalLM(OmniLMMChatMixin, OmniLMMPreTrainedModel, MistralForCausalLM):
@@ -520,7 +630,7 @@ class OmniLMMForCausalLM(OmniLMMChatMixin, OmniLMMPreTrainedModel, MistralForCau
         hidden_states = outputs.last_hidden_state
         if logits_to_keep:
             hidden_states = hidden_states[:, -logits_to_keep:]
-        logits = self.lm_head(hidden_states)
+        logits = lm_head_logits(self.lm_head, hidden_states)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)

@@ -529,7 +529,8 @@ def parse_args(argv=None):
     parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimiser steps (overrides --epochs)")
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--warmup-ratio", type=float, default=0.0)
+    parser.add_argument("--warmup", type=float, default=0.0,
+                        help="learning-rate warmup: a fraction of the training steps (< 1) or a number of steps (>= 1)")
     parser.add_argument("--lr-scheduler", default="cosine")
     parser.add_argument("--batch-size", type=int, default=1, help="per device (process)")
     parser.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
@@ -549,6 +550,7 @@ def parse_args(argv=None):
     parser.add_argument("--attn-implementation", choices=("sdpa", "eager", "flash_attention_2"), default=None)
     parser.add_argument("--deepspeed", default=None, help="a DeepSpeed config JSON, e.g. configs/deepspeed_zero2.json")
     parser.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes")
+    parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is available")
     parser.add_argument("--report-to", default="none")
     args = parser.parse_args(argv)
     args.lora_target_modules = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
@@ -585,7 +587,7 @@ def main(argv=None) -> None:
         gradient_accumulation_steps=args.grad_accum,
         learning_rate=args.lr,
         weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_ratio,
+        warmup_steps=args.warmup,
         lr_scheduler_type=args.lr_scheduler,
         max_grad_norm=args.max_grad_norm,
         optim=args.optim,
@@ -598,6 +600,8 @@ def main(argv=None) -> None:
         train_sampling_strategy="random" if args.shuffle else "sequential",
         bf16=args.bf16,
         fp16=args.fp16,
+        # without an accelerator, several processes (torchrun) only form one CPU (gloo) group when this is set
+        use_cpu=args.cpu or not torch.accelerator.is_available(),
         gradient_checkpointing=args.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
         remove_unused_columns=False,

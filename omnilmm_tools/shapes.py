@@ -105,7 +105,7 @@ def _place(rng: random.Random, count: int, size: int, region: str | None = None)
     for _ in range(1000):
         discs = []
         for _ in range(count):
-            radius = rng.uniform(0.10, 0.19) * size if count == 1 else rng.uniform(0.09, 0.15) * size
+            radius = rng.uniform(0.12, 0.22) * size if count == 1 else rng.uniform(0.09, 0.15) * size
             if region is None:
                 x, y = rng.uniform(radius, size - radius), rng.uniform(radius, size - radius)
             else:  # clearly in one of the four regions: near that edge, centred along it

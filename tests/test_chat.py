@@ -110,6 +110,31 @@ def test_second_turn_about_the_same_image_does_no_vision_forward(model):
     assert calls == [] and isinstance(second, str)
 
 
+def test_later_turns_reuse_the_preprocessing_and_answer_like_a_fresh_model(slice_model, monkeypatch):
+    """A sliced image asked about again is neither preprocessed nor encoded again, and the prompt is token for token
+    the processor's; a changed image (same object, new pixels) is processed anew."""
+    processor = slice_model.chat_processor()
+    preprocessed, prompts = [], []
+    preprocess, generate = type(processor.image_processor).preprocess, slice_model.generate
+    monkeypatch.setattr(type(processor.image_processor), "preprocess", lambda *a, **k: preprocessed.append(1) or preprocess(*a, **k))
+    monkeypatch.setattr(slice_model, "generate", lambda **k: prompts.append(k["input_ids"]) or generate(**k))
+
+    image = photo(896, 672, seed=40)
+    msgs = [{"role": "user", "content": [image, QUESTION]}]
+    msgs += [{"role": "assistant", "content": slice_model.chat(msgs=msgs, **greedy())}, {"role": "user", "content": "Why?"}]
+    assert len(preprocessed) == 1
+    with vision_forwards(slice_model) as calls:
+        second = slice_model.chat(msgs=msgs, **greedy())
+    assert len(preprocessed) == 1 and calls == []
+    slice_model.clear_chat_cache()
+    assert slice_model.chat(msgs=msgs, **greedy()) == second and len(preprocessed) == 2
+    assert torch.equal(prompts[-1], prompts[-2])
+
+    image.paste((0, 0, 0), (0, 0, 300, 300))
+    slice_model.chat(msgs=msgs, **greedy())
+    assert len(preprocessed) == 3
+
+
 def test_several_images_in_one_message_are_encoded_together(model):
     first, second = photo(seed=6), photo(seed=7)
     with vision_forwards(model) as calls:
