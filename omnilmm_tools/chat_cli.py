@@ -34,6 +34,9 @@ def main(argv=None) -> None:
         sys.exit(f"omnilmm-chat: {args.model} is not a model folder")
     from PIL import Image
     from transformers import AutoModelForCausalLM, AutoProcessor
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # the answer alone on the terminal
 
     images = []
     for path in args.image:

@@ -19,6 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from .shapes import COLOURS, COUNT_WORDS, POSITIONS, QUESTION_TYPES, SHAPES, eval_items
 
@@ -88,7 +89,7 @@ def evaluate(model, processor, seed: int, n: int, shuffle_images: bool = False, 
     items = eval_items(seed, n)
     images = shuffled_images(items, seed) if shuffle_images else [item.image for item in items]
     answers = []
-    for start in range(0, len(items), batch_size):
+    for start in tqdm(range(0, len(items), batch_size), desc="evaluating", unit="batch", leave=False):
         batch = range(start, min(start + batch_size, len(items)))
         answers += answer_batch(model, processor, [images[i] for i in batch], [items[i].question for i in batch],
                                 max_new_tokens)
