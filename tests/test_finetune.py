@@ -291,6 +291,28 @@ def test_demo_model_answers_fresh_images_and_needs_the_image(capsys):
     assert total <= 20 * 10**6
 
 
+def test_demo_stage_one_trains_the_vision_side_only(workdir):
+    """scripts/pretrain_demo_vision.py (the demo model's stage 1), a few steps with slicing on: it writes a Hub folder
+    whose vision tower changed and whose language model did not, plus its accuracy log."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import pretrain_demo_vision
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    output = workdir / "stage1"
+    pretrain_demo_vision.main(["--init-config", str(workdir / "tiny.json"), "--output", str(output), "--steps", "3",
+                               "--batch-size", "4", "--size", str(IMAGE_SIZE), "--lr", "1e-2"])
+    from transformers import AutoModelForCausalLM
+
+    trained = AutoModelForCausalLM.from_pretrained(output, trust_remote_code=True)
+    torch.manual_seed(0)
+    fresh, _ = finetune.init_from_config(str(workdir / "tiny.json"))
+    assert torch.equal(trained.model.embed_tokens.weight, fresh.model.embed_tokens.weight)
+    assert not torch.equal(trained.model.vision_tower.patch_embed.proj.weight, fresh.model.vision_tower.patch_embed.proj.weight)
+    log = json.loads((output / "stage1_log.json").read_text())
+    assert log["steps"] == 3 and set(log["log"][-1]["accuracy"]) == {"shape", "colour", "count", "position"}
+
+
 def test_eval_and_chat_commands(capsys):
     from omnilmm_tools import chat_cli, eval_shapes
 
