@@ -13,6 +13,7 @@ The heads are thrown away; the result is a Hub folder for `omnilmm-finetune --mo
 
 import argparse
 import json
+import math
 import random
 import sys
 import time
@@ -80,8 +81,8 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.0)
     warmup = max(1, args.steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * step / args.steps)).item())
-    )
+        optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+    )  # linear warmup, then cosine decay
     rng = random.Random(f"omnilmm-demo-vision-{args.seed}")
     start, history, log = time.time(), [], []
     progress = tqdm(range(args.steps), desc="stage 1 (vision)")
