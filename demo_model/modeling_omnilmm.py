@@ -100,14 +100,14 @@ def flatten_images(images) -> list[torch.Tensor] | torch.Tensor:
     return flat
 
 
-def eva_pos_embed(tower) -> torch.Tensor:
+def eva_pos_embed(tower) -> torch.Tensor | None:
     """A new tower's absolute positions `(1, prefix + grid_h * grid_w, embed_dim)`: MAE's 2-D sin-cos table for the
     patches, zeros for the class token. (timm's random 0.02 table is too faint next to the patch embeddings for a
-    tower trained from scratch to learn where its patches are.) Non-square grids keep timm's random table."""
+    tower trained from scratch to learn where its patches are.) `None` for non-square grids (no such table)."""
     grid_h, grid_w = tower.patch_embed.grid_size
     prefix = tower.pos_embed.shape[1] - grid_h * grid_w
     if grid_h != grid_w or tower.embed_dim % 4:
-        return torch.nn.init.trunc_normal_(torch.empty_like(tower.pos_embed, device="cpu"), std=0.02)
+        return None
     table = get_2d_sincos_pos_embed(tower.embed_dim, grid_h)
     return torch.cat([torch.zeros(prefix, tower.embed_dim), table])[None]
 
@@ -140,7 +140,11 @@ class OmniLMMPreTrainedModel(MistralPreTrainedModel):
             if module.cls_token is not None:
                 init.trunc_normal_(module.cls_token, std=0.02)
             if module.pos_embed is not None:
-                init.copy_(module.pos_embed, eva_pos_embed(module))
+                table = eva_pos_embed(module)
+                if table is None:
+                    init.trunc_normal_(module.pos_embed, std=0.02)
+                else:
+                    init.copy_(module.pos_embed, table)
         else:
             super()._init_weights(module)
 
@@ -456,12 +460,13 @@ class OmniLMMChatMixin:
             cache.popitem(last=False)
         return stacked
 
-    def chat_inputs(self, processor, prompts, sample_images, max_slice_nums):
+    def chat_inputs(self, processor, prompts, sample_images, max_slice_nums, vision_hidden_states=None):
         """Token ids and image features for `chat()`'s rendered `prompts`.
 
         An image seen in an earlier turn (same pixels or same unchanged file, same processor settings) is neither
         preprocessed nor encoded again: its `<image>` expands from its remembered slice grid, its features come from
-        the cache. Returns `(inputs, vision_hidden_states)`; the features are `None` for text-only prompts."""
+        the cache. Given `vision_hidden_states` are used as they are (no cache). Returns `(inputs,
+        vision_hidden_states)`; the features are `None` for text-only prompts."""
         settings = (max_slice_nums, processor.image_processor.to_json_string())
         max_pixels = getattr(processor.image_processor, "max_image_pixels", None) or float("inf")
         keys = [[image_key(image, max_pixels) for image in images] for images in sample_images]
@@ -469,7 +474,8 @@ class OmniLMMChatMixin:
         known = [[layouts.get((key, settings)) if key else None for key in sample] for sample in keys]
         cache = self.__dict__.get("_vision_cache", {})
         if (
-            any(sample_images)
+            vision_hidden_states is None
+            and any(sample_images)
             and all(layout is not None for sample in known for layout in sample)
             and all(view in cache for sample in known for _, views in sample for view in views)
             and all(prompt.count(processor.image_token) == len(sample) for prompt, sample in zip(prompts, known))
@@ -487,8 +493,8 @@ class OmniLMMChatMixin:
             max_slice_nums=max_slice_nums,
             return_tensors="pt",
         ).to(self.device)
-        if inputs.get("pixel_values") is None:
-            return inputs, None
+        if vision_hidden_states is not None or inputs.get("pixel_values") is None:
+            return inputs, vision_hidden_states
         view_keys = [[view_key(view) for view in views] for views in inputs["pixel_values"]]
         features = self.cached_vision_embedding(inputs["pixel_values"], [k for sample in view_keys for k in sample])
         for sample_keys, grids, sample_view_keys in zip(keys, inputs["slice_grids"], view_keys):
@@ -542,11 +548,9 @@ class OmniLMMChatMixin:
             sample_images.append(conversation_images)
         if max(len(i) for i in sample_images) > MAX_FRAMES_WITH_SLICES:
             max_slice_nums = 1
-        if vision_hidden_states is None:
-            inputs, vision_hidden_states = self.chat_inputs(processor, prompts, sample_images, max_slice_nums)
-        else:
-            inputs = processor(text=prompts, images=sample_images if any(sample_images) else None,
-                               max_slice_nums=max_slice_nums, return_tensors="pt").to(self.device)
+        inputs, vision_hidden_states = self.chat_inputs(
+            processor, prompts, sample_images, max_slice_nums, vision_hidden_states
+        )
         generate_kwargs = {"max_new_tokens": max_new_tokens, "do_sample": bool(sampling), **generate_kwargs}
         generate_kwargs.update(
             input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], vision_hidden_states=vision_hidden_states
