@@ -6,7 +6,7 @@ from transformers import MistralConfig
 
 AUTO_MAP = {
     "AutoConfig": "configuration_omnilmm.OmniLMMConfig",
-    "AutoModel": "modeling_omnilmm.OmniLMMForCausalLM",
+    "AutoModel": "modeling_omnilmm.OmniLMMModel",
     "AutoModelForCausalLM": "modeling_omnilmm.OmniLMMForCausalLM",
     "AutoModelForImageTextToText": "modeling_omnilmm.OmniLMMForCausalLM",
 }
@@ -30,6 +30,7 @@ class OmniLMMConfig(MistralConfig):
     """
 
     model_type = "omnilmm"
+    attribute_map = {"image_token_id": "im_patch_token_id"}  # the name generation and engines look for
 
     vocab_size: int = 32009
     max_position_embeddings: int = 32768

@@ -3,7 +3,7 @@
 Every comparison runs both contenders in the same process, alternating (A, B, A, B, ...) for several repetitions,
 and reports medians and the median of the per-repetition ratios, next to its target and PASS/FAIL:
 
-1. image preprocessing (slice mode, 9 tiles) against transformers' LLaVA-NeXT image processors (PIL and torchvision);
+1. image preprocessing (slice mode, 9 tiles), our PIL and torchvision classes against LLaVA-NeXT's of the same backend;
 2. vision encoding of a 9-tile image: batched `get_vision_embedding` against one tile at a time (the original's way);
 3. generation overhead: `generate` with an image (precomputed features) against plain `MistralForCausalLM.generate`
    on the same decoder weights and the same prompt length given as `inputs_embeds`;
@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cpu_decoding import block_lm_head
 from .remote import remote_module
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -321,7 +322,12 @@ def bench_preprocessing(bench: Bench):
     from transformers import LlavaNextImageProcessor, LlavaNextImageProcessorPil
 
     header("1. Image preprocessing, slice mode, up to 9 tiles + overview (images/second, one image per call)")
-    ours = remote_module("image_processing_omnilmm").OmniLMMImageProcessor(slice_mode=True, max_slice_nums=9)
+    image_processing = remote_module("image_processing_omnilmm")
+    # Ours per backend: the PIL class (bit-exact to the original, what saved folders load) and the torchvision one.
+    ours = {
+        "ours (PIL)": image_processing.OmniLMMImageProcessor(slice_mode=True, max_slice_nums=9),
+        "ours (torchvision)": image_processing.OmniLMMImageProcessorFast(slice_mode=True, max_slice_nums=9),
+    }
     # LLaVA-NeXT with 336-px tiles and every grid of up to 9 tiles (LLaVA-OneVision's "anyres_max_9" idea):
     # the same job, up to 9 tiles + an overview per image.
     pinpoints = [[336 * c, 336 * r] for c in range(1, 10) for r in range(1, 10) if c * r <= 9]
@@ -332,14 +338,15 @@ def bench_preprocessing(bench: Bench):
         "LLaVA-NeXT (PIL)": LlavaNextImageProcessorPil(**llava_kwargs),
         "LLaVA-NeXT (torchvision)": LlavaNextImageProcessor(**llava_kwargs),
     }
+    pairs = {"LLaVA-NeXT (PIL)": "ours (PIL)", "LLaVA-NeXT (torchvision)": "ours (torchvision)"}  # same backend
     reps = bench.preset["reps"]["preprocess"]
     for width, height in bench.preset["photos"]:
         photo = synthetic_photo(width, height)
-        contenders = {"ours": lambda: ours(photo)}
+        contenders = {name: (lambda processor=processor: processor(photo)) for name, processor in ours.items()}
         for name, processor in peers.items():
             contenders[name] = lambda processor=processor: processor(photo, return_tensors="pt")
         shapes = {
-            "ours": len(ours(photo)["pixel_values"][0]),
+            **{name: len(p(photo)["pixel_values"][0]) for name, p in ours.items()},
             **{name: tuple(p(photo, return_tensors="pt")["pixel_values"].shape[1:2]) for name, p in peers.items()},
         }
         times = bench.alternate(contenders, reps)
@@ -347,16 +354,16 @@ def bench_preprocessing(bench: Bench):
         print(
             f"  {width}x{height} ({width * height / 1e6:.1f} MP): "
             + ", ".join(f"{name} {rate[name]:.2f} img/s" for name in times)
-            + f"  [tiles per image: ours {shapes['ours']}, LLaVA-NeXT {shapes['LLaVA-NeXT (PIL)'][0]}]",
+            + f"  [tiles per image: ours {shapes['ours (PIL)']}, LLaVA-NeXT {shapes['LLaVA-NeXT (PIL)'][0]}]",
             flush=True,
         )
-        for name in peers:
+        for name, mine in pairs.items():
             bench.add(
                 "1 preprocessing",
-                f"{width}x{height}: ours / {name} (images/s)",
-                paired_ratio(times[name], times["ours"]),
+                f"{width}x{height}: {mine} / {name} (images/s)",
+                paired_ratio(times[name], times[mine]),
                 "> 1.00",
-                f"ours {fmt_s(median(times['ours']))}/image, {name} {fmt_s(median(times[name]))}/image",
+                f"{mine} {fmt_s(median(times[mine]))}/image, {name} {fmt_s(median(times[name]))}/image",
             )
 
 
@@ -421,7 +428,8 @@ def bench_generation_overhead(bench: Bench, model, twin, processor):
     features = torch.randn(1, NUM_QUERY, model.config.hidden_size, device=bench.device, dtype=dtype)
     mask = torch.ones_like(ids)
     with torch.inference_mode():
-        embeds = model.model.embed_with_images(ids, vision_hidden_states=features)
+        embeds = model.get_input_embeddings()(ids)
+        embeds = embeds.masked_scatter(model.model.get_placeholder_mask(ids, embeds, features), features)
     settings = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
 
     def ours():
@@ -509,6 +517,7 @@ def bench_multiturn(bench: Bench, model, processor):
 
 def bench_batched(bench: Bench, model, processor):
     header(f"5. Batched generation: one batch of {BATCH} prompts vs {BATCH} calls of one")
+    block_lm_head(model)  # the project's best CPU decoding path (omnilmm_tools.cpu_decoding)
     new_tokens = bench.preset["new_tokens"]["batched"]
     questions = [
         "What is this?", "Describe the image.", "What colours do you see?", "Is there any text in the picture?",
@@ -541,10 +550,7 @@ def bench_batched(bench: Bench, model, processor):
         model.generate(batch_ids, attention_mask=batch_mask, vision_hidden_states=batch_features, **{**settings, "max_new_tokens": 2, "min_new_tokens": 2})
     times = bench.alternate({"batched": batched, "one by one": one_by_one}, bench.preset["reps"]["batched"], warmup=0)
     tokens = BATCH * new_tokens
-    lm_head_logits = remote_module("modeling_omnilmm").lm_head_logits
-    ceiling, t_one, t_many = gemm_ceiling(
-        bench, model.lm_head.weight, 1, BATCH, linear=lambda x, weight: lm_head_logits(model.lm_head, x)
-    )
+    ceiling, t_one, t_many = gemm_ceiling(bench, model.lm_head.weight, 1, BATCH, linear=lambda x, w: model.lm_head(x))
     bench.add(
         "5 batched generation",
         f"throughput batch of {BATCH} / {BATCH} calls of one ({width}-token prompts, {new_tokens} new)",

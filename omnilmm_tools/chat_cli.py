@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .cpu_decoding import block_lm_head
+
 
 def default_model_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "demo_model"
@@ -48,6 +50,7 @@ def main(argv=None) -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float32 if device == "cpu" else "auto"
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True, dtype=dtype).to(device).eval()
+    block_lm_head(model)  # faster CPU decoding of small batches
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
     torch.manual_seed(0)
     answer = model.chat(

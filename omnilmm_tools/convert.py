@@ -247,7 +247,10 @@ def generation_config(config, original: dict | None = None) -> GenerationConfig:
     """The original generation settings (if any) plus the original `chat()`'s sampling defaults, KV cache on."""
     original = {k: v for k, v in (original or {}).items() if not k.startswith("_") and k != "transformers_version"}
     settings = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, **original}
-    return GenerationConfig(**{**settings, **SAMPLING_DEFAULTS, "use_cache": True, "max_new_tokens": 1024})
+    # Image-span tokens are input only: never generated (a generated span could not take an image).
+    image_tokens = [config.im_patch_token_id, config.im_start_token_id, config.im_end_token_id]
+    settings = {**settings, **SAMPLING_DEFAULTS, "use_cache": True, "max_new_tokens": 1024}
+    return GenerationConfig(**settings, suppress_tokens=image_tokens)
 
 
 def write_generation_config(src: Path, dst: Path, config) -> None:
@@ -274,13 +277,13 @@ def write_processor(src: Path, dst: Path, config, added_tokens: dict) -> bool:
         type(image_processor).register_for_auto_class("AutoImageProcessor")  # writes its auto_map entry
         image_processor.save_pretrained(dst)
         return False
-    from .tokenizer import build_tokenizer, load_original_tokenizer
+    from .tokenizer import build_tokenizer, load_original_tokenizer, save_processor
 
     tokenizer = load_original_tokenizer(src) if has_own_tokenizer else build_tokenizer(added_tokens or None)
     processor = remote_module("processing_omnilmm").OmniLMMProcessor(
         image_processor=image_processor, tokenizer=tokenizer, num_query=config.num_query
     )
-    processor.save_pretrained(dst)
+    save_processor(processor, dst)
     return True
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .cpu_decoding import block_lm_head
 from .shapes import COLOURS, COUNT_WORDS, POSITIONS, QUESTION_TYPES, SHAPES, eval_items
 
 CHANCE = {"colour": 1 / len(COLOURS), "shape": 1 / len(SHAPES), "position": 1 / len(POSITIONS), "count": 1 / len(COUNT_WORDS),
@@ -38,6 +39,7 @@ def load(model_dir, device=None):
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float32 if device == "cpu" else "auto"
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=dtype).to(device).eval()
+    block_lm_head(model)  # faster CPU decoding of small batches
     processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
     return model, processor
 

@@ -36,6 +36,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .remote import REMOTE_CODE_FILES, ROOT, remote_module
+from .tokenizer import save_processor
 
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
@@ -353,6 +354,19 @@ def make_trainer_class():
 # --------------------------------------------------------------------------------------------------------------------
 
 
+@torch.no_grad()
+def sincos_eva_positions(tower) -> None:
+    """A new EVA tower's absolute positions: MAE's 2-D sin-cos table for the patches, zeros for the class token.
+    (timm's random 0.02 table is too faint next to the patch embeddings for a tower trained from scratch to learn
+    where its patches are.) Square patch grids only; others keep timm's table."""
+    grid_h, grid_w = tower.patch_embed.grid_size
+    if tower.pos_embed is None or grid_h != grid_w or tower.embed_dim % 4:
+        return
+    table = remote_module("resampler").get_2d_sincos_pos_embed(tower.embed_dim, grid_h)
+    prefix = tower.pos_embed.shape[1] - grid_h * grid_w
+    tower.pos_embed.copy_(torch.cat([torch.zeros(prefix, tower.embed_dim), table])[None])
+
+
 def init_from_config(spec: str):
     """`--init-config`: a JSON file or inline JSON object with OmniLMMConfig keyword arguments and, under
     ``"image_processor"``, OmniLMMImageProcessor ones. Returns a fresh random model and its processor."""
@@ -365,6 +379,7 @@ def init_from_config(spec: str):
     settings.pop("_comment", None)
     config = remote_module("configuration_omnilmm").OmniLMMConfig(**settings)
     model = remote_module("modeling_omnilmm").OmniLMMForCausalLM(config)
+    sincos_eva_positions(model.model.vision_tower)
     from .tokenizer import build_tokenizer
 
     image_processor = remote_module("image_processing_omnilmm").OmniLMMImageProcessor(
@@ -449,7 +464,8 @@ def write_generation_config(model, dst: Path, greedy: bool = False) -> None:
             base.pop(key, None)
     config = model.config
     values = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, "pad_token_id": 0,
-              "max_new_tokens": 1024, **base, **settings, "use_cache": True}
+              "max_new_tokens": 1024, **base, **settings, "use_cache": True,
+              "suppress_tokens": [config.im_patch_token_id, config.im_start_token_id, config.im_end_token_id]}
     GenerationConfig(**values).save_pretrained(dst)
 
 
@@ -463,7 +479,7 @@ def save_hub_folder(model, processor, dst: Path, dtype: torch.dtype | None, gree
         model = model.to(dtype)
     model.config.use_cache = True
     model.save_pretrained(dst)
-    processor.save_pretrained(dst)
+    save_processor(processor, dst)
     copy_remote_code(dst)
     write_generation_config(model, dst, greedy)
 
@@ -484,7 +500,7 @@ def save_outputs(trainer, model, processor, args) -> None:
         model.peft_config["default"].base_model_name_or_path = str(base_dir.resolve())
         model.save_pretrained(adapter_dir)
         if not args.merge_lora:
-            processor.save_pretrained(adapter_dir)
+            save_processor(processor, adapter_dir)
             say(f"saved the LoRA adapter to {adapter_dir} (load: PeftModel.from_pretrained(base, {str(adapter_dir)!r}))")
             return
         merged = model.merge_and_unload()

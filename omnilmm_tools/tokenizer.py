@@ -211,13 +211,16 @@ def save_tokenizer(dst: str | os.PathLike, tokenizer=None, copy_sentencepiece: b
     """Write the tokenizer files into the model folder ``dst``: ``tokenizer.json``, ``tokenizer_config.json``,
     ``chat_template.jinja`` and (``copy_sentencepiece``) the SentencePiece ``tokenizer.model`` it was built from.
 
-    ``tokenizer`` defaults to :func:`build_tokenizer`'s. Saving the processor (``OmniLMMProcessor.save_pretrained``)
-    writes the same files.
+    ``tokenizer`` defaults to :func:`build_tokenizer`'s. :func:`save_processor` writes the same files.
     """
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer() if tokenizer is None else tokenizer
     files = [str(path) for path in tokenizer.save_pretrained(str(dst))]
+    return files + _finish_tokenizer_files(dst, tokenizer, copy_sentencepiece)
+
+
+def _finish_tokenizer_files(dst: Path, tokenizer, copy_sentencepiece: bool = True) -> list[str]:
     # transformers 5 keeps add_bos_token in tokenizer.json's post-processor and drops it from tokenizer_config.json;
     # write it back (as in the top-level file) for readers and loaders that look for it there.
     config_file = dst / "tokenizer_config.json"
@@ -227,12 +230,27 @@ def save_tokenizer(dst: str | os.PathLike, tokenizer=None, copy_sentencepiece: b
         config.setdefault(key, project[key])
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
     vocab_file = getattr(tokenizer, "vocab_file", None)
-    if copy_sentencepiece and vocab_file and Path(vocab_file).is_file():
+    if copy_sentencepiece and isinstance(vocab_file, (str, os.PathLike)) and Path(vocab_file).is_file():
         target = dst / "tokenizer.model"
         if Path(vocab_file).resolve() != target.resolve():
             shutil.copyfile(vocab_file, target)
-        files.append(str(target))
-    return files
+        return [str(target)]
+    return []
+
+
+def save_processor(processor, dst: str | os.PathLike) -> list[str]:
+    """Write an ``OmniLMMProcessor`` into the model folder ``dst``: ``processor_config.json`` with the ``auto_map``
+    entries for ``AutoProcessor`` (and, nested, ``AutoImageProcessor``), so that
+    ``AutoProcessor.from_pretrained(dst, trust_remote_code=True)`` returns an ``OmniLMMProcessor``, the chat template
+    and the tokenizer files of :func:`save_tokenizer` (``add_bos_token`` / ``add_eos_token``, ``tokenizer.model``).
+    The remote-code ``.py`` files themselves are copied by ``omnilmm_tools.convert.copy_remote_code``."""
+    dst = Path(dst)
+    type(processor).register_for_auto_class("AutoProcessor")
+    image_processor_class = type(processor.image_processor)
+    if not image_processor_class.__module__.startswith("transformers."):
+        image_processor_class.register_for_auto_class("AutoImageProcessor")
+    files = [str(path) for path in processor.save_pretrained(dst)]
+    return files + _finish_tokenizer_files(dst, processor.tokenizer)
 
 
 __all__ = [
@@ -244,5 +262,6 @@ __all__ = [
     "load_original_tokenizer",
     "load_tokenizer_config",
     "mistral_v01_vocab_file",
+    "save_processor",
     "save_tokenizer",
 ]

@@ -31,6 +31,7 @@ def make_tiny_model_folder(path, tokenizer, slice_mode=False, num_query=16, seed
 
     from omnilmm_tools.convert import copy_remote_code, generation_config
     from omnilmm_tools.remote import remote_module
+    from omnilmm_tools.tokenizer import save_processor
 
     config = remote_module("configuration_omnilmm").OmniLMMConfig(
         hidden_size=128,
@@ -51,7 +52,7 @@ def make_tiny_model_folder(path, tokenizer, slice_mode=False, num_query=16, seed
         image_processor=image_processor, tokenizer=tokenizer, num_query=num_query
     )
     model.save_pretrained(path)
-    processor.save_pretrained(path)
+    save_processor(processor, path)
     generation_config(config).save_pretrained(path)
     copy_remote_code(path)
     return path

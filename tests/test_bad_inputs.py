@@ -307,7 +307,8 @@ MODEL_CASES = [
     ("input_ids-3d", lambda e: e.model(input_ids=torch.tensor([[[1, 5, 6]]])), ValueError, "(batch, length) tensor, got shape (1, 1, 3)"),
     ("input_ids-python-list", lambda e: e.model(input_ids=[[1, 5, 6]]), TypeError, "input_ids must be a torch.long tensor"),
     ("no-input", lambda e: e.model(), ValueError, "give `input_ids`"),
-    ("inputs_embeds-with-images", lambda e: e.model(inputs_embeds=torch.zeros(1, 3, 128), pixel_values=pixels(1)), ValueError, "give images with `input_ids`"),
+    ("inputs_embeds-without-image-positions", lambda e: e.model(inputs_embeds=torch.zeros(1, 3, 128), pixel_values=pixels(1)), ValueError, "0 image spans but 1 images"),
+    ("ids-and-inputs_embeds", lambda e: e.model(input_ids=ids([5]), inputs_embeds=torch.zeros(1, 2, 128)), ValueError, "exactly one of them"),
     ("labels-wrong-length", lambda e: e.model(input_ids=torch.tensor([[1, 5, 6]]), labels=torch.ones(1, 5, dtype=torch.long)), ValueError, "to match target batch_size"),
     ("generate-outside-vocabulary", lambda e: e.model.generate(torch.tensor([[1, 40000]]), max_new_tokens=2, do_sample=False), ValueError, "outside the vocabulary"),
     ("generate-per-sample-mismatch", lambda e: e.model.generate(TWO_ROWS, pixel_values=[[pixels()[0]], [pixels()[0]]], max_new_tokens=2), ValueError, "image spans but pixel_values holds"),
@@ -580,7 +581,7 @@ def test_malicious_pickle_is_refused_by_the_command_line(request, tmp_path):
     assert not marker.exists()
 
 
-ALLOWED_IMPORTS = {"torch", "transformers", "timm", "numpy", "PIL"}
+ALLOWED_IMPORTS = {"torch", "torchvision", "transformers", "timm", "numpy", "PIL"}
 
 
 @pytest.mark.parametrize("name", REMOTE_CODE_FILES)

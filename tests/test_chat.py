@@ -193,3 +193,158 @@ def test_slice_mode_end_to_end(slice_model):
             torch.testing.assert_close(feature, slice_model.get_vision_embedding(tile[None])[0], atol=1e-5, rtol=0)
         output = slice_model.generate(**inputs, do_sample=False, max_new_tokens=3)
     assert output.shape[1] == ids.shape[0] + 3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# chat() never answers wrong, never hangs, and takes what the processor and the template take
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def spy_generate(model, monkeypatch):
+    calls = []
+    original = model.generate
+    monkeypatch.setattr(model, "generate", lambda **k: calls.append(k) or original(**k))
+    return calls
+
+
+def test_a_streaming_error_reaches_the_caller(model):
+    import threading
+
+    outcome = []
+
+    def consume():
+        try:
+            list(model.chat(image=photo(), msgs=[{"role": "user", "content": QUESTION}], stream=True, no_such_kwarg=1))
+        except ValueError as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=consume, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "the stream hangs after an error in generate"
+    assert outcome and "no_such_kwarg" in str(outcome[0])
+
+
+def test_the_feature_cache_never_outlives_the_vision_weights(folder, monkeypatch):
+    """Changing the vision side in place (a normal in-place op, or a write through `.data`), or wrapping it with a
+    PEFT adapter, makes the next turn about the same image encode it again and answer like a fresh model."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    image, msgs = photo(seed=30), [{"role": "user", "content": QUESTION}]
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+    model.chat(image=image, msgs=msgs, **greedy())
+    with vision_forwards(model) as calls:
+        model.chat(image=image, msgs=msgs, **greedy())
+    assert calls == []  # unchanged weights: the cache answers
+
+    adapter = folder.parent / "adapter"
+    config = LoraConfig(target_modules=["kv_proj", "qkv"], init_lora_weights=False, r=4)
+    torch.manual_seed(1)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True), config).save_pretrained(adapter)
+    fresh = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True), adapter)
+    wrapped = PeftModel.from_pretrained(model, adapter)
+    seen, expected = spy_generate(model, monkeypatch), spy_generate(fresh.base_model.model, monkeypatch)
+    assert wrapped.chat(image=image, msgs=msgs, **greedy()) == fresh.chat(image=image, msgs=msgs, **greedy())
+    torch.testing.assert_close(seen[-1]["vision_hidden_states"], expected[-1]["vision_hidden_states"])
+
+    for change in (lambda p: p.mul_(0.5), lambda p: p.data.add_(1.0)):
+        before = seen[-1]["vision_hidden_states"]
+        with torch.no_grad():
+            change(model.model.resampler.proj)
+        model.chat(image=image, msgs=msgs, **greedy())
+        assert not torch.equal(seen[-1]["vision_hidden_states"], before)
+
+
+def test_an_exif_rotated_jpeg_reads_the_same_by_path_and_as_an_opened_image(model, tmp_path, monkeypatch):
+    from PIL import ImageOps
+
+    stored = photo(120, 80, seed=31)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to view"
+    path = tmp_path / "phone.jpg"
+    stored.save(path, exif=exif, quality=95)
+    upright = ImageOps.exif_transpose(Image.open(path))
+    assert upright.size == (80, 120)
+    calls = spy_generate(model, monkeypatch)
+    for image in (str(path), path, Image.open(path), upright):
+        model.chat(image=image, msgs=[{"role": "user", "content": QUESTION}], **greedy())
+    features = [call["vision_hidden_states"] for call in calls]
+    for other in features[:3]:
+        torch.testing.assert_close(other, features[3], atol=1e-6, rtol=0)
+
+
+def test_strings_are_text_and_paths_and_typed_parts_are_images(model, tmp_path, monkeypatch):
+    path = tmp_path / "photo.png"
+    photo(seed=32).save(path)
+    calls = spy_generate(model, monkeypatch)
+    as_text = model.chat(msgs=[{"role": "user", "content": [str(path), QUESTION]}], **greedy())
+    assert "vision_hidden_states" not in calls[-1] and isinstance(as_text, str)
+    parts = [
+        [path, QUESTION],
+        [{"type": "image", "image": str(path)}, QUESTION],
+        [{"type": "image_url", "image_url": {"url": str(path)}}, {"type": "text", "text": QUESTION}],
+        [{"type": "image", "path": str(path)}, QUESTION],
+    ]
+    answers = [model.chat(msgs=[{"role": "user", "content": content}], **greedy()) for content in parts]
+    assert len(set(answers)) == 1
+    for call in calls[-4:]:
+        torch.testing.assert_close(call["vision_hidden_states"], calls[-1]["vision_hidden_states"])
+
+
+def test_video_parts_and_frame_arrays_are_frames(model, monkeypatch):
+    frames = [photo(seed=40 + i) for i in range(3)]
+    array = np.stack([np.asarray(frame) for frame in frames])
+    calls = spy_generate(model, monkeypatch)
+    answers = [
+        model.chat(msgs=[{"role": "user", "content": frames + [QUESTION]}], **greedy()),
+        model.chat(msgs=[{"role": "user", "content": [{"type": "video", "video": frames}, QUESTION]}], **greedy()),
+        model.chat(msgs=[{"role": "user", "content": [array, QUESTION]}], **greedy()),
+    ]
+    assert len(set(answers)) == 1
+    assert all(call["vision_hidden_states"].shape[0] == 3 for call in calls)
+    assert all(torch.equal(call["input_ids"], calls[0]["input_ids"]) for call in calls)
+
+
+def test_num_return_sequences_gives_that_many_answers(model):
+    msgs = [{"role": "user", "content": QUESTION}]
+    answers = model.chat(image=photo(), msgs=msgs, num_beams=2, num_return_sequences=2, **greedy())
+    assert isinstance(answers, list) and len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    batch = model.chat(image=[photo(), photo(seed=1)], msgs=[msgs, msgs], num_beams=2, num_return_sequences=2, **greedy())
+    assert [len(answers) for answers in batch] == [2, 2]
+
+
+def test_pipeline_batch_size_two_equals_single_calls(folder):
+    pipe = pipeline("image-text-to-text", model=str(folder), trust_remote_code=True)
+    conversations = [
+        [{"role": "user", "content": [{"type": "image", "image": photo(seed=s)}, {"type": "text", "text": QUESTION}]}]
+        for s in (50, 51)
+    ]
+    generate = {"max_new_tokens": 6, "do_sample": False}
+    singles = [pipe(text=c, return_full_text=False, generate_kwargs=generate)[0]["generated_text"] for c in conversations]
+    batch = pipe(text=conversations, batch_size=2, return_full_text=False, generate_kwargs=generate)
+    assert [out[0]["generated_text"] for out in batch] == singles
+
+
+def test_a_placeholder_written_in_the_text_takes_the_image(model):
+    image = photo(seed=52)
+    written = model.chat(image=image, msgs=[{"role": "user", "content": f"<image>\n{QUESTION}"}], **greedy())
+    assert written == model.chat(image=image, msgs=[{"role": "user", "content": QUESTION}], **greedy())
+
+
+def test_friendly_errors(model, tmp_path):
+    with pytest.raises(ValueError, match=r"role \(system, user or assistant\)"):
+        model.chat(image=photo(), msgs=[{"role": "human", "content": QUESTION}])
+    model.save_pretrained(tmp_path / "weights-only")
+    alone = AutoModelForCausalLM.from_pretrained(tmp_path / "weights-only", trust_remote_code=True)
+    with pytest.raises(ValueError, match="save the processor too"):
+        alone.chat(msgs=[{"role": "user", "content": QUESTION}])
+
+
+def test_chat_with_the_model_offloaded_to_disk(folder, model, tmp_path):
+    offloaded = AutoModelForCausalLM.from_pretrained(
+        folder, trust_remote_code=True, dtype=torch.float32, device_map="auto", max_memory={"cpu": "12MB"},
+        offload_folder=str(tmp_path),
+    ).eval()
+    assert "disk" in set(offloaded.hf_device_map.values())
+    msgs = [{"role": "user", "content": QUESTION}]
+    assert offloaded.chat(image=photo(seed=53), msgs=msgs, **greedy()) == model.chat(image=photo(seed=53), msgs=msgs, **greedy())

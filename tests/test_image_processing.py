@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 from omnilmm_tools.remote import remote_module
 
@@ -382,3 +382,140 @@ def test_auto_image_processor_loads_remote_code(tmp_path):
     assert all(getattr(loaded, k) == v for k, v in SETTINGS.items())
     out = loaded(GRAY)
     assert out["slice_grids"] == [[None]] and out["pixel_values"][0][0].shape[0] == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. the torchvision backend (OmniLMMImageProcessorFast) against the PIL one
+# ---------------------------------------------------------------------------------------------
+
+RAW = dict(do_rescale=False, do_normalize=False)  # the resized uint8 values, as float32 0..255
+
+
+def raw_diff(image, slice_mode=True, **settings):
+    """(max, mean) |Fast - PIL| in 0..255 units over every view; asserts the same structure."""
+    pil = ip.OmniLMMImageProcessor(slice_mode=slice_mode, **settings)(image, **RAW)
+    fast = ip.OmniLMMImageProcessorFast(slice_mode=slice_mode, **settings)(image, **RAW)
+    assert fast["slice_grids"] == pil["slice_grids"] and fast["image_sizes"] == pil["image_sizes"]
+    a, b = pil["pixel_values"][0], fast["pixel_values"][0]
+    assert [t.shape for t in a] == [t.shape for t in b] and all(t.dtype == torch.float32 for t in b)
+    d = torch.cat([(x - y).abs().flatten() for x, y in zip(a, b)])
+    return d.max().item(), d.mean().item()
+
+
+@pytest.mark.parametrize(
+    "size, max_slice_nums, never_split",
+    [((1, 1), 9, False), ((66, 31), 9, False), ((896, 448), 9, False), ((10000, 50), 9, False),
+     ((1920, 1080), 4, False), ((1024, 768), 1, False), ((800, 3000), 9, False), ((2721, 749), 9, True)],
+)
+def test_fast_geometry_equals_pil_geometry(size, max_slice_nums, never_split):
+    # Uniform noise is the worst case for resamplers: measured max 20 levels (800x3000: PIL rounds its
+    # intermediate pass to uint8, torchvision does not), mean <= 0.32; elsewhere max 2, mean < 0.01.
+    biggest, mean = raw_diff(random_image(size), max_slice_nums=max_slice_nums, never_split=never_split)
+    assert biggest <= 24 and mean <= 0.5
+
+
+@pytest.mark.parametrize(
+    "path, slice_mode", [(PHOTO, False), (GRAY, False), (RGBA, False), (BIG, True), (PHOTO, True)]
+)
+def test_fast_pixels_are_within_the_measured_bound_on_photos(path, slice_mode):
+    # Measured on the fixture images: max 2 levels (11 on the RGBA one's edges), mean <= 0.013 levels; after
+    # normalisation max 0.16. 12 levels and mean 0.05 are the bounds.
+    biggest, mean = raw_diff(path, slice_mode=slice_mode)
+    assert biggest <= 12 and mean <= 0.05
+    pil = ip.OmniLMMImageProcessor(slice_mode=slice_mode)(path)["pixel_values"][0]
+    fast = ip.OmniLMMImageProcessorFast(slice_mode=slice_mode)(path)["pixel_values"][0]
+    assert max(max_diff(a, b) for a, b in zip(pil, fast)) <= 0.2
+
+
+def test_fast_batch_structure_options_and_saving(tmp_path):
+    fast = ip.OmniLMMImageProcessorFast(slice_mode=True)
+    assert fast.backend == "torchvision" and ip.OmniLMMImageProcessor().backend == "pil"
+    out = fast([[BIG, GRAY], [], [RGBA]])
+    pil = ip.OmniLMMImageProcessor(slice_mode=True)([[BIG, GRAY], [], [RGBA]])
+    assert out["slice_grids"] == pil["slice_grids"] and out["image_sizes"] == pil["image_sizes"]
+    assert [[t.shape for t in s] for s in out["pixel_values"]] == [[t.shape for t in s] for s in pil["pixel_values"]]
+    assert all(t.is_contiguous() for s in out["pixel_values"] for t in s)
+    assert isinstance(fast(GRAY, return_tensors="np")["pixel_values"][0][0], np.ndarray)
+    on_cpu = fast(PHOTO, device="cpu")["pixel_values"][0]
+    assert all(torch.equal(a, b) for a, b in zip(on_cpu, fast(PHOTO)["pixel_values"][0]))
+    bad_inputs = [(None, TypeError), (Image.new("RGB", (0, 10)), ValueError), (np.full((8, 8, 3), 2.0), ValueError)]
+    for bad, error in bad_inputs:
+        with pytest.raises(error):
+            fast(bad)
+    ip.OmniLMMImageProcessorFast(**SETTINGS).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "preprocessor_config.json").read_text())["image_processor_type"] == (
+        "OmniLMMImageProcessorFast"
+    )
+    loaded = ip.OmniLMMImageProcessorFast.from_pretrained(tmp_path)
+    assert all(getattr(loaded, k) == v for k, v in SETTINGS.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. per-call do_rescale / rescale_factor / do_normalize / image_mean / image_std
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", ["OmniLMMImageProcessor", "OmniLMMImageProcessorFast"])
+@pytest.mark.parametrize("slice_mode", [False, True])
+def test_rescale_and_normalize_settings_are_honoured(cls, slice_mode):
+    processor = getattr(ip, cls)(slice_mode=slice_mode)
+    raw = processor(PHOTO, **RAW)["pixel_values"][0]
+    assert all(torch.equal(t, t.round()) and t.min() >= 0 and t.max() <= 255 and t.max() > 1 for t in raw)
+    if cls == "OmniLMMImageProcessor" and not slice_mode:  # the original's resize, as 0..255 values
+        expected = torch.from_numpy(np.array(Image.open(IMAGES / "photo_640x480.resized.png").convert("RGB")))
+        assert torch.equal(raw[0], expected.permute(2, 0, 1).float())
+
+    def check(settings, expected_from_raw):
+        out = processor(PHOTO, **settings)["pixel_values"][0]
+        assert len(out) == len(raw)
+        for got, r in zip(out, raw):
+            torch.testing.assert_close(got, expected_from_raw(r), atol=1e-6, rtol=0)
+
+    mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
+    check({}, lambda r: (r / 255 - mean) / std)  # the defaults
+    check(dict(do_rescale=False), lambda r: (r - mean) / std)  # raw 0..255 values normalised
+    check(dict(do_normalize=False), lambda r: r / 255)
+    check(dict(rescale_factor=1 / 127.5, image_mean=[1, 1, 1], image_std=(0.5, 0.25, 2)),
+          lambda r: (r / 127.5 - 1) / torch.tensor([0.5, 0.25, 2]).view(3, 1, 1))
+    # set at init (and so saved) rather than per call: the same
+    init = getattr(ip, cls)(slice_mode=slice_mode, do_rescale=False, image_mean=(0, 0, 0), image_std=(1, 1, 1))
+    assert all(torch.equal(a, b) for a, b in zip(init(PHOTO)["pixel_values"][0], raw))
+    with pytest.raises(ValueError, match="rescale_factor"):
+        processor(PHOTO, rescale_factor=0)
+
+
+def test_rescale_settings_round_trip(tmp_path):
+    processor = ip.OmniLMMImageProcessor(do_rescale=False, rescale_factor=0.5, do_normalize=False)
+    processor.save_pretrained(tmp_path)
+    loaded = ip.OmniLMMImageProcessor.from_pretrained(tmp_path)
+    assert (loaded.do_rescale, loaded.rescale_factor, loaded.do_normalize) == (False, 0.5, False)
+    defaults = ip.OmniLMMImageProcessor()
+    assert (defaults.do_rescale, defaults.rescale_factor, defaults.do_normalize) == (True, 1 / 255, True)
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. EXIF orientation
+# ---------------------------------------------------------------------------------------------
+
+
+def test_exif_orientation_is_applied_like_image_viewers(tmp_path):
+    from transformers.image_utils import load_image as transformers_load_image
+
+    path = tmp_path / "rotated.jpg"
+    stored = Image.fromarray(np.asarray(Image.open(PHOTO).convert("RGB"))[:200, :300])  # 300x200 as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to view"
+    stored.save(path, exif=exif, quality=95)
+    assert Image.open(path).size == (300, 200) and Image.open(path).getexif()[0x0112] == 6
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB"))
+    assert upright.shape == (300, 200, 3)  # 200 wide, 300 high
+    assert np.array_equal(np.asarray(ip.load_image(path)), upright)
+    assert np.array_equal(np.asarray(ip.load_image(Image.open(path))), upright)
+    for cls in (ip.OmniLMMImageProcessor, ip.OmniLMMImageProcessorFast):
+        processor = cls(slice_mode=True)
+        outs = [processor(x) for x in (path, str(path), Image.open(path), transformers_load_image(str(path)))]
+        for out in outs:
+            assert out["image_sizes"] == [[(200, 300)]]  # the viewer's size, not the stored one
+            assert all(torch.equal(a, b) for a, b in zip(out["pixel_values"][0], outs[0]["pixel_values"][0]))
+        source = outs[0]["pixel_values"][0][0]
+        assert source.shape[1] > source.shape[2]  # taller than wide, as shown

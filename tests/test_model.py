@@ -56,7 +56,7 @@ def prompt(*parts) -> list[int]:
     return ids
 
 
-@pytest.mark.parametrize("auto_class", [AutoModelForCausalLM, AutoModel, AutoModelForImageTextToText])
+@pytest.mark.parametrize("auto_class", [AutoModelForCausalLM, AutoModelForImageTextToText])
 def test_converted_folder_reproduces_the_original(hub_folder, expected, auto_class):
     model = auto_class.from_pretrained(hub_folder, trust_remote_code=True, dtype=torch.float32).eval()
     assert type(model).__name__ == "OmniLMMForCausalLM"
@@ -76,6 +76,18 @@ def test_converted_folder_reproduces_the_original(hub_folder, expected, auto_cla
 
         text = model(input_ids=expected["case_text.input_ids"].long())
         torch.testing.assert_close(text.logits[0], expected["case_text.logits"], atol=1e-3, rtol=0)
+
+
+def test_auto_model_is_the_base_model_and_gives_the_decoder_states(hub_folder, model, expected):
+    base = AutoModel.from_pretrained(hub_folder, trust_remote_code=True, dtype=torch.float32).eval()
+    assert type(base).__name__ == "OmniLMMModel"
+    input_ids = expected["case_image.input_ids"].long()
+    pixels = fixture_pixels("photo_640x480")[None]
+    with torch.no_grad():
+        states = base(input_ids=input_ids, pixel_values=pixels).last_hidden_state
+        full = model(input_ids=input_ids, pixel_values=pixels, output_hidden_states=True)
+        torch.testing.assert_close(model.lm_head(states)[0], expected["case_image.logits"], atol=1e-3, rtol=0)
+    torch.testing.assert_close(states, full.hidden_states[-1], atol=0, rtol=0)
 
 
 def test_greedy_generation_matches_the_original(model, expected):

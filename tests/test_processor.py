@@ -236,8 +236,10 @@ def test_decode(processor):
 def test_save_and_auto_processor_round_trip(processor, tmp_path):
     from transformers import AutoProcessor
 
+    from omnilmm_tools.tokenizer import save_processor
+
     folder = tmp_path / "model"
-    processor.save_pretrained(folder)
+    save_processor(processor, folder)  # what every tool that writes a model folder uses
     for name in ("image_processing_omnilmm.py", "processing_omnilmm.py"):
         shutil.copy(ROOT / name, folder / name)  # what a converted model folder carries anyway
     assert {"processor_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model"} <= {
@@ -245,9 +247,8 @@ def test_save_and_auto_processor_round_trip(processor, tmp_path):
     }
     saved_config = json.loads((folder / "tokenizer_config.json").read_text())
     assert saved_config["add_bos_token"] is True and saved_config["add_eos_token"] is False
-    assert json.loads((folder / "processor_config.json").read_text())["auto_map"]["AutoProcessor"] == (
-        "processing_omnilmm.OmniLMMProcessor"
-    )
+    auto_map = json.loads((folder / "processor_config.json").read_text())["auto_map"]
+    assert auto_map["AutoProcessor"] == "processing_omnilmm.OmniLMMProcessor"
     loaded = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     assert type(loaded).__name__ == "OmniLMMProcessor"
     assert type(loaded.image_processor).__name__ == "OmniLMMImageProcessor"
@@ -257,3 +258,121 @@ def test_save_and_auto_processor_round_trip(processor, tmp_path):
     want, got = processor(text=texts, images=images), loaded(text=texts, images=images)
     assert torch.equal(got.input_ids, want.input_ids) and torch.equal(got.attention_mask, want.attention_mask)
     assert torch.equal(got.pixel_values[0][0], want.pixel_values[0][0])
+    # A processor loaded with trust_remote_code and saved again with plain save_pretrained still loads as itself.
+    again = tmp_path / "again"
+    loaded.save_pretrained(again)
+    config = json.loads((again / "processor_config.json").read_text())
+    assert config["auto_map"]["AutoProcessor"] == "processing_omnilmm.OmniLMMProcessor"
+    assert config["image_processor"]["auto_map"]["AutoImageProcessor"] == "image_processing_omnilmm.OmniLMMImageProcessor"
+    reloaded = AutoProcessor.from_pretrained(again, trust_remote_code=True)
+    assert type(reloaded).__name__ == "OmniLMMProcessor" and reloaded.num_query == NUM_QUERY
+    assert type(reloaded.image_processor).__name__ == "OmniLMMImageProcessor"
+    assert torch.equal(reloaded(text=texts, images=images).input_ids, want.input_ids)
+
+
+def span_count(ids):
+    return sum(t in (IM_PATCH, IM_START, IM_END) for t in ids)
+
+
+def test_num_multimodal_tokens_match_the_emitted_spans(slice_processor):
+    """`_get_num_multimodal_tokens` (sizes only, as vLLM asks: (height, width)) gives, for every case of
+    slicing.json, the image-span tokens and views that the processor emits for that image."""
+    from conftest import TINY
+
+    cases = json.loads((TINY / "slicing.json").read_text())["cases"]
+    assert len(cases) == 320
+    groups = {}
+    for case in cases:
+        groups.setdefault((case["max_slice_nums"], case["never_split"]), []).append(case)
+    for (max_slice_nums, never_split), group in groups.items():
+        options = {"max_slice_nums": max_slice_nums, "never_split": never_split}
+        mm = slice_processor._get_num_multimodal_tokens([c["size"][::-1] for c in group], **options)
+        grids = [[tuple(c["grid"]) if c["grid"] else None] for c in group]
+        out = slice_processor.expand_and_tokenize(["<image>"] * len(group), grids, padding=False, return_tensors=None)
+        assert mm.num_image_tokens == [span_count(ids) for ids in out["input_ids"]]
+        assert mm.num_image_patches == [1 + len(c["slice_sizes"]) for c in group]
+    # The same through __call__ with pixels, for a few sizes, and with the options nested.
+    for w, h in [(1344, 1008), (200, 900), (64, 48), (2000, 300)]:
+        for options in ({}, {"max_slice_nums": 2}, {"images_kwargs": {"max_slice_nums": 1}}):
+            out = slice_processor(text="<image>", images=image(w, h), **options)
+            mm = slice_processor._get_num_multimodal_tokens([(h, w)], **options)
+            assert mm.num_image_tokens == [span_count(out.input_ids[0].tolist())]
+            assert mm.num_image_patches == [len(out.pixel_values[0])]
+    square = slice_processor._get_num_multimodal_tokens([(1008, 1344)], slice_mode=False)
+    assert square.num_image_tokens == [NUM_QUERY + 2] and square.num_image_patches == [1]
+
+
+def test_kwargs_forms(processor, slice_processor, monkeypatch):
+    text = "<image>\nWhat is this?"
+    default = processor(text=[text, "Hi"], images=image())
+    assert isinstance(default.input_ids, torch.Tensor) and default.attention_mask[1, 0] == 0  # pt, padded left
+    flat = processor(text=text, images=image(), padding="max_length", max_length=80)
+    nested = processor(text=text, images=image(), text_kwargs={"padding": "max_length", "max_length": 80})
+    assert flat.input_ids.shape == (1, 80) and torch.equal(flat.input_ids, nested.input_ids)
+    assert flat.attention_mask[0, 0] == 0 and torch.equal(flat.attention_mask, nested.attention_mask)
+    right = processor(text=[text, "Hi"], images=image(), text_kwargs={"padding_side": "right"})
+    assert right.attention_mask[1, -1] == 0 and right.attention_mask[1, 0] == 1
+    as_lists = processor(text=text, images=image(), return_tensors=None)
+    assert isinstance(as_lists["input_ids"], list) and as_lists["input_ids"][0] == default.input_ids[0].tolist()
+    big = image(1344, 1008)
+    sliced = slice_processor(text="<image>", images=big)
+    assert slice_processor(text="<image>", images=big, max_slice_nums=1).slice_grids == [[None]]
+    assert slice_processor(text="<image>", images=big, images_kwargs={"max_slice_nums": 1}).slice_grids == [[None]]
+    assert sliced.slice_grids == [[(3, 2)]]
+    with pytest.raises(ValueError, match="two times"):
+        processor(text=text, images=image(), padding=True, text_kwargs={"padding": "max_length"})
+    seen = []
+    preprocess = processor.image_processor.preprocess
+    monkeypatch.setattr(processor.image_processor, "preprocess", lambda *a, **k: seen.append(k) or preprocess(*a, **k))
+    options = {"do_rescale": True, "rescale_factor": 1 / 255, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    processor(text=text, images=image(), **options)
+    processor(text=text, images=image(), images_kwargs=options)
+    assert len(seen) == 2 and all(all(k.get(key) == value for key, value in options.items()) for k in seen)
+
+
+def test_mm_token_type_ids_and_replacement_offsets(slice_processor):
+    text = "Look: <image> and"
+    out = slice_processor(text=text, images=image(1344, 1008), return_mm_token_type_ids=True,
+                          return_text_replacement_offsets=True)
+    ids, types = out.input_ids[0].tolist(), out.mm_token_type_ids[0].tolist()
+    assert types == [int(t in (IM_PATCH, IM_START, IM_END)) for t in ids] and sum(types) == 7 * (NUM_QUERY + 2)
+    (offset,) = out["text_replacement_offsets"][0]
+    replacement = slice_processor.image_placeholder((3, 2))
+    assert offset == {"type": "image", "span": (6, 13), "new_span": (6, 6 + len(replacement)), "text": "<image>",
+                      "replacement": replacement}
+    nested = slice_processor(text=text, images=image(1344, 1008), text_kwargs={"return_mm_token_type_ids": True})
+    assert nested.mm_token_type_ids[0].tolist() == types
+    assert "mm_token_type_ids" not in slice_processor(text=text, images=image(1344, 1008))
+
+
+def test_expand_and_tokenize_is_the_text_half_of_call(slice_processor):
+    texts = ["<image> then <image>", "Just <image>", "text"]
+    images = [[image(120, 90), image(1344, 1008)], [image(900, 200)], []]
+    full = slice_processor(text=texts, images=images)
+    half = slice_processor.expand_and_tokenize(texts, full.slice_grids)
+    assert set(half) == {"input_ids", "attention_mask"}
+    assert torch.equal(half.input_ids, full.input_ids) and torch.equal(half.attention_mask, full.attention_mask)
+    assert slice_processor.expand_and_tokenize("<image>", [[None]]).input_ids[0].tolist().count(IM_START) == 1
+    with pytest.raises(ValueError, match="would cut through the image spans"):
+        slice_processor.expand_and_tokenize("hi <image>", [[(3, 2)]], truncation=True, max_length=30)
+    with pytest.raises(ValueError, match=r"one entry per <image>/<video> placeholder: the prompts have \[1\]"):
+        slice_processor.expand_and_tokenize("<image>", [[]])
+    with pytest.raises(ValueError, match="literal image tokens"):
+        slice_processor.expand_and_tokenize("<im_start>", None)
+
+
+def test_apply_chat_template_returns_tensors_with_images(processor):
+    messages = [
+        {"role": "user", "content": [{"type": "image", "image": image()}, {"type": "text", "text": "What is this?"}]},
+        {"role": "assistant", "content": "A red box."},
+    ]
+    out = processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")
+    assert isinstance(out["input_ids"], torch.Tensor) and out["input_ids"].shape[0] == 1
+    assert isinstance(out["attention_mask"], torch.Tensor)
+    assert out["pixel_values"][0][0].shape == (3, 448, 448) and out["image_sizes"] == [[(64, 48)]]
+    masked = processor.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_tensors="pt", return_assistant_tokens_mask=True
+    )
+    assert torch.equal(masked["input_ids"], out["input_ids"])
+    ids, mask = masked["input_ids"][0].tolist(), masked["assistant_masks"][0].tolist()
+    assert processor.decode([t for t, m in zip(ids, mask) if m]) == "A red box.</s>"
