@@ -20,8 +20,10 @@ import numpy as np
 
 from transformers import image_utils, processing_utils
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.processing_utils import ImagesKwargs, MultiModalData, ProcessingKwargs, ProcessorMixin
+from transformers.processing_utils import MultiModalData, ProcessingKwargs, ProcessorMixin
 from transformers.utils import logging
+
+from .image_processing_omnilmm import OmniLMMImageProcessorKwargs
 
 
 logger = logging.get_logger(__name__)
@@ -33,17 +35,8 @@ SLICE_SETTINGS = ("slice_mode", "max_slice_nums", "scale_resolution", "patch_siz
 _UNMARKED = getattr(processing_utils, "_UNMARKED", "")  # a placeholder marked as user text is not one
 
 
-class OmniLMMImagesKwargs(ImagesKwargs, total=False):
-    image_size: int
-    slice_mode: bool
-    max_slice_nums: int
-    scale_resolution: int
-    patch_size: int
-    never_split: bool
-
-
 class OmniLMMProcessorKwargs(ProcessingKwargs, total=False):
-    images_kwargs: OmniLMMImagesKwargs
+    images_kwargs: OmniLMMImageProcessorKwargs
     _defaults = {"text_kwargs": {"padding": True, "padding_side": "left", "return_tensors": "pt"}}
 
 

@@ -46,7 +46,7 @@ class OmniLMMConfig(MistralConfig):
 
     def __post_init__(self, **kwargs):
         if not isinstance(self.vision_tower_kwargs or {}, dict):
-            raise TypeError(f"`vision_tower_kwargs` must be a dict (timm arguments), got {self.vision_tower_kwargs!r}.")
+            raise TypeError(f"`vision_tower_kwargs` must be a dict (timm arguments), not {self.vision_tower_kwargs!r}")
         self.vision_tower_kwargs = dict(self.vision_tower_kwargs or {})
         if not isinstance(self.mm_vision_tower, str):
             raise TypeError(f"`mm_vision_tower` must be a timm model name, got {self.mm_vision_tower!r}.")

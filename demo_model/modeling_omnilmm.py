@@ -482,7 +482,7 @@ class OmniLMMForCausalLM(OmniLMMPreTrainedModel, MistralForCausalLM):
         conversations = list(msgs) if batched else [msgs]
         images = image if batched and image is not None else [image] * len(conversations)
         if not isinstance(images, (list, tuple)):
-            raise TypeError(f"with a batch of conversations, `image` must be a list (an image or None each): {image!r}")
+            raise TypeError(f"with a batch of conversations, `image` must be a list (an image or None each): {image}")
         if len(images) != len(conversations):
             raise ValueError(f"{len(conversations)} conversations but {len(images)} entries in `image`")
         if stream and batched:
