@@ -43,9 +43,14 @@ DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
 MAX_ASPECT_RATIO = 1000
 ACCEPTED_TYPES = ("a PIL.Image.Image, a numpy array (HWC or HW), a torch tensor (CHW or HW) or a file path "
                   "(str or os.PathLike)")
+NORM_NAMES = ("do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")
+SLICE_NAMES = ("max_slice_nums", "scale_resolution", "patch_size", "never_split")
+SETTING_NAMES = ("image_size", "slice_mode", *SLICE_NAMES, "max_image_pixels", *NORM_NAMES)
+
 
 def _ensure_divide(length, patch_size):
     return max(round(length / patch_size) * patch_size, patch_size)
+
 
 def _find_best_resize(size, scale_resolution, patch_size, allow_upscale=False):
     width, height = size
@@ -55,8 +60,10 @@ def _find_best_resize(size, scale_resolution, patch_size, allow_upscale=False):
         width = int(height * ratio)
     return _ensure_divide(width, patch_size), _ensure_divide(height, patch_size)
 
+
 def _is_count(value, minimum=1):
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= minimum
+
 
 def slice_layout(image_size, max_slice_nums=9, scale_resolution=448, patch_size=14, never_split=False):
     """MiniCPM-V's slicing geometry for an image of `image_size = (width, height)`: `(source_size, grid, slice_size)`,
@@ -83,6 +90,7 @@ def slice_layout(image_size, max_slice_nums=9, scale_resolution=448, patch_size=
     cell = (_ensure_divide(width, cols) / cols, _ensure_divide(height, rows) / rows)
     return source_size, (cols, rows), _find_best_resize(cell, scale_resolution, patch_size, allow_upscale=True)
 
+
 def _check_pixels(width, height, max_image_pixels, what="image"):
     if width <= 0 or height <= 0:
         raise ValueError(f"The {what} has zero size ({width}x{height}).")
@@ -93,8 +101,10 @@ def _check_pixels(width, height, max_image_pixels, what="image"):
             "`OmniLMMImageProcessor(max_image_pixels=...)` or `image_processor.max_image_pixels = ...` "
             "(None disables the check).")
 
+
 def _channels_first(array, layout):
     return array.ndim == 3 and array.shape[0] in (1, 3, 4) and (layout == "CHW" or array.shape[-1] not in (1, 3, 4))
+
 
 def _array_to_pil(array, layout):
     """`array`: numpy, `layout` "HWC" or "CHW" (or 2-D HW); uint8, ints in [0, 255], bool or floats in [0, 1]."""
@@ -118,6 +128,7 @@ def _array_to_pil(array, layout):
         array = array.astype(np.uint8)
     return Image.fromarray(np.ascontiguousarray(array))
 
+
 def _to_rgb(image):
     """EXIF orientation applied (as viewers and transformers do), `convert("RGB")`; 16-bit and float modes scaled."""
     if image.getexif().get(0x0112, 1) != 1:
@@ -137,6 +148,7 @@ def _to_rgb(image):
     values = np.rint(np.clip(np.asarray(image, dtype=np.float64) * scale, 0, 255)).astype(np.uint8)
     return Image.fromarray(values).convert("RGB")
 
+
 def _load_file(path, max_image_pixels):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No image file at {path!r} (URLs are not fetched; download the image first).")
@@ -155,6 +167,7 @@ def _load_file(path, max_image_pixels):
         except Exception as err:  # OSError("image file is truncated"), SyntaxError, zlib errors, ...
             raise ValueError(f"Could not decode the image file {path!r} (truncated or corrupt): {err}") from err
         return rgb.copy() if rgb is opened else rgb  # closing `opened` frees its pixels
+
 
 def load_image(image, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS):
     """One image-like input (see `ACCEPTED_TYPES`) -> a decoded, upright RGB `PIL.Image`. A file's declared size is
@@ -183,6 +196,7 @@ def load_image(image, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS):
     _check_pixels(width, height, max_image_pixels)
     return _array_to_pil(array, layout).convert("RGB")
 
+
 def _batch_structure(images):
     if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
         images = list(images)  # (N, ...) = one image per sample
@@ -195,6 +209,7 @@ def _batch_structure(images):
         raise ValueError("Give a flat list of images (one per sample) or a list of lists (per sample), not a mix.")
     return [[image] for image in images]
 
+
 def _normalize_tensor(pixels, s):
     """uint8 `(..., 3, h, w)` -> float32: `* rescale_factor` (as `/ 255` when it is 1/255, like `ToTensor()`)
     if `do_rescale`, then `- mean`, `/ std` if `do_normalize`, in float32 in that order."""
@@ -206,11 +221,13 @@ def _normalize_tensor(pixels, s):
         out = out.sub_(mean).div_(std)
     return out
 
+
 @functools.lru_cache(maxsize=8)
 def _normalization_table(*settings):
     """`(3, 256)` float32: `_normalize_tensor` of every uint8 value (same float32 ops, hence the same bits)."""
     values = torch.arange(256, dtype=torch.uint8).expand(3, 1, 256)
     return _normalize_tensor(values, dict(zip(NORM_NAMES, settings))).view(3, 256)
+
 
 def _normalize_array(table, pixels):
     """`(h, w, 3)` uint8 pixels (or an RGB PIL image) -> float32 `(3, h, w)`, one table look-up per pixel."""
@@ -219,10 +236,6 @@ def _normalize_array(table, pixels):
     for channel in range(3):
         np.take(table[channel], pixels[..., channel], out=out[channel])
     return torch.from_numpy(out)
-
-NORM_NAMES = ("do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")
-SLICE_NAMES = ("max_slice_nums", "scale_resolution", "patch_size", "never_split")
-SETTING_NAMES = ("image_size", "slice_mode", *SLICE_NAMES, "max_image_pixels", *NORM_NAMES)
 
 
 class OmniLMMImageProcessorKwargs(ImagesKwargs, total=False):
@@ -354,6 +367,7 @@ class OmniLMMImageProcessorFast(_OmniLMMImageProcessorMixin, TorchvisionBackend)
         # All tiles in one pass (few big ops): (3, rows*h, cols*w) -> (rows, cols, 3, h, w), row by row.
         tiles = _normalize_tensor(resize([rows * h, cols * w]).view(3, rows, h, cols, w).permute(1, 3, 0, 2, 4), s)
         return tensors + list(tiles.flatten(0, 1).unbind(0)), grid
+
 
 __all__ = ["OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "OmniLMMImageProcessor", "OmniLMMImageProcessorFast", "load_image",
            "slice_layout"]

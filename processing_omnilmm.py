@@ -163,14 +163,14 @@ class OmniLMMProcessor(ProcessorMixin):
             raise ValueError("OmniLMM does not take audio.")
         if text is None and (images is None or videos is not None):
             raise ValueError("OmniLMMProcessor needs `text` and/or `images` (videos: a prompt with <video> in it).")
-        images_kwargs = self._merge(kwargs)["images_kwargs"]
+        merged = self._merge(kwargs)
         if text is None:  # image features only: a flat list is one image per sample
             flat, nested = _per_prompt(images, 0)
             kinds = [[self.image_token] * (len(x) if nested else 1) for x in flat]
-            return BatchFeature(self._process_visuals(kinds, images, None, images_kwargs)[0])
+            return BatchFeature(self._process_visuals(kinds, images, None, merged["images_kwargs"])[0])
         texts, kinds = self._prompts(text)
-        visuals, grids = self._process_visuals(kinds, images, videos, images_kwargs)
-        out = self.expand_and_tokenize(texts, grids, **kwargs)
+        visuals, grids = self._process_visuals(kinds, images, videos, merged["images_kwargs"])
+        out = self._text_inputs(texts, kinds, grids, merged)
         out.update(visuals if images is not None or videos is not None else {})
         return out
 
@@ -199,8 +199,11 @@ class OmniLMMProcessor(ProcessorMixin):
         """The text half of `__call__`, without pixels: expand `text` and tokenise it exactly as `__call__` does
         (same ids, padding, truncation guard, errors). `slice_grids`: per prompt, per placeholder in reading order,
         an `<image>`'s `(cols, rows)` grid or `None` (unsliced), a `<video>`'s list of them; `None`: no images."""
-        merged, (texts, kinds) = self._merge(kwargs), self._prompts(text)
-        slice_grids = [[] for _ in texts] if slice_grids is None else slice_grids
+        texts, kinds = self._prompts(text)
+        return self._text_inputs(texts, kinds, [[] for _ in texts] if slice_grids is None else slice_grids,
+                                 self._merge(kwargs))
+
+    def _text_inputs(self, texts, kinds, slice_grids, merged):
         if len(slice_grids) != len(texts) or any(len(g) != len(k) for g, k in zip(slice_grids, kinds)):
             raise ValueError(f"`slice_grids` must hold per prompt one entry per <image>/<video> placeholder: the "
                              f"prompts have {[len(k) for k in kinds]}, `slice_grids` {[len(g) for g in slice_grids]}.")

@@ -276,18 +276,25 @@ class OmniLMMModel(OmniLMMPreTrainedModel, MistralModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give `input_ids` or `inputs_embeds` (exactly one of them)")
         compiling = torch.compiler.is_compiling()
+        # A decoding step continues a prompt whose image spans are in the cache already: no checks, no images.
+        decoding = cache is not None and not compiling and cache.get_seq_length() > 0
+        encoded = (mm_encoder_outputs or {}).get("image")
+        images_given = any(x is not None for x in (pixel_values, encoded, vision_hidden_states))
+        if decoding and images_given and input_ids is not None:  # unless it continues with new image spans
+            decoding = not (input_ids == self.config.im_start_token_id).any()
         if inputs_embeds is None:
-            if not compiling:
+            if not compiling and not decoding:
                 check_input_ids(input_ids, self.config.vocab_size)
             inputs_embeds = self.embed_tokens(input_ids)
-        decoding = cache is not None and not compiling and cache.get_seq_length() > 0
-        features = self.image_features(input_ids, pixel_values, mm_encoder_outputs, vision_hidden_states)
-        if features is not None and not (decoding and not (input_ids == self.config.im_start_token_id).any()):
+        features = None
+        if images_given and not decoding:
+            features = self.image_features(input_ids, pixel_values, mm_encoder_outputs, vision_hidden_states)
+        if features is not None:
             mask = self.get_placeholder_mask(input_ids, inputs_embeds, features)
             if features.shape[0]:  # (features of no image may sit on "meta" when the resampler is offloaded)
                 features = features.to(inputs_embeds.device, inputs_embeds.dtype)
                 inputs_embeds = inputs_embeds.masked_scatter(mask, features)
-        elif features is None and input_ids is not None and not compiling:
+        elif input_ids is not None and not compiling and not decoding:
             num_spans = count_image_spans(input_ids, self.config)
             if num_spans:
                 raise ValueError(f"the input has {num_spans} image spans but no pixel_values or vision_hidden_states")
@@ -323,7 +330,7 @@ class OmniLMMForCausalLM(OmniLMMPreTrainedModel, MistralForCausalLM):
         """Logits `(B, L, vocab)` and, with `labels` (`-100` = ignored), the shifted causal-LM loss."""
         outputs = self.model(
             input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids,
-            cache=cache if cache is not None else past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            cache=cache, past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
             mm_encoder_outputs=mm_encoder_outputs, vision_hidden_states=vision_hidden_states, **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -436,22 +443,22 @@ class OmniLMMForCausalLM(OmniLMMPreTrainedModel, MistralForCausalLM):
         An image seen in an earlier turn (same pixels or same unchanged file, same processor settings) is neither
         preprocessed nor encoded again, as long as the vision weights are unchanged: its `<image>` expands from its
         remembered slice grid, its features come from the cache. Given `features` are used as they are."""
+        device = self.get_input_embeddings().weight.device
+        device = torch.device("cpu") if device.type == "meta" else device
+        images = sample_images if any(sample_images) else None
+        slicing = {} if max_slice_nums is None else {"max_slice_nums": max_slice_nums}
+        if images is None or features is not None:  # nothing to look up
+            return processor(text=prompts, images=images, return_tensors="pt", **slicing).to(device), features
         cache = self.__dict__.setdefault("_chat_cache", OrderedDict())
         settings = (max_slice_nums, processor.image_processor.to_json_string(), self.vision_state())
         limit = getattr(processor.image_processor, "max_image_pixels", None) or float("inf")
         keys = [[image_key(image, limit, settings) for image in images] for images in sample_images]
         known = [[cache.get(key) if key else None for key in sample] for sample in keys]
-        device = self.get_input_embeddings().weight.device
-        device = torch.device("cpu") if device.type == "meta" else device
-        if features is None and any(sample_images) and all(v is not None for s in known for v in s):
+        if all(v is not None for sample in known for v in sample):
             grids = [[grid for grid, _ in sample] for sample in known]
             inputs = processor.expand_and_tokenize(prompts, grids, return_tensors="pt").to(device)
             return inputs, torch.cat([views for sample in known for _, views in sample])
-        images = sample_images if any(sample_images) else None
-        slicing = {} if max_slice_nums is None else {"max_slice_nums": max_slice_nums}
         inputs = processor(text=prompts, images=images, return_tensors="pt", **slicing).to(device)
-        if features is not None or images is None:
-            return inputs, features
         features = self.get_vision_embedding(inputs["pixel_values"])
         start = 0
         for sample_keys, grids in zip(keys, inputs["slice_grids"]):

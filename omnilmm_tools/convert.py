@@ -247,10 +247,14 @@ def generation_config(config, original: dict | None = None) -> GenerationConfig:
     """The original generation settings (if any) plus the original `chat()`'s sampling defaults, KV cache on."""
     original = {k: v for k, v in (original or {}).items() if not k.startswith("_") and k != "transformers_version"}
     settings = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, **original}
-    # Image-span tokens are input only: never generated (a generated span could not take an image).
-    image_tokens = [config.im_patch_token_id, config.im_start_token_id, config.im_end_token_id]
     settings = {**settings, **SAMPLING_DEFAULTS, "use_cache": True, "max_new_tokens": 1024}
-    return GenerationConfig(**settings, suppress_tokens=image_tokens)
+    return GenerationConfig(**settings, suppress_tokens=image_span_token_ids(config))
+
+
+def image_span_token_ids(config) -> list[int]:
+    """`<im_patch>`, `<im_start>`, `<im_end>`: input only, so generation configs suppress them (a generated span
+    could not take an image)."""
+    return [config.im_patch_token_id, config.im_start_token_id, config.im_end_token_id]
 
 
 def write_generation_config(src: Path, dst: Path, config) -> None:

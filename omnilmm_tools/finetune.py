@@ -453,7 +453,7 @@ def count_parameters(model) -> tuple[int, int]:
 def write_generation_config(model, dst: Path, greedy: bool = False) -> None:
     from transformers import GenerationConfig
 
-    from .convert import SAMPLING_DEFAULTS
+    from .convert import SAMPLING_DEFAULTS, image_span_token_ids
 
     settings = {"do_sample": False} if greedy else dict(SAMPLING_DEFAULTS)
     source = getattr(model, "generation_config", None)
@@ -465,7 +465,7 @@ def write_generation_config(model, dst: Path, greedy: bool = False) -> None:
     config = model.config
     values = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, "pad_token_id": 0,
               "max_new_tokens": 1024, **base, **settings, "use_cache": True,
-              "suppress_tokens": [config.im_patch_token_id, config.im_start_token_id, config.im_end_token_id]}
+              "suppress_tokens": image_span_token_ids(config)}
     GenerationConfig(**values).save_pretrained(dst)
 
 
