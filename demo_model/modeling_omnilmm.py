@@ -272,6 +272,9 @@ class OmniLMMModel(OmniLMMPreTrainedModel, MistralModel):
         """Mistral's forward, with the images (`pixel_values`, or their features) placed into the image spans.
         `image_sizes` and `slice_grids` (processor outputs) are not needed: the spans say where each view goes.
         `past_key_values` is the cache's name before transformers 5.24."""
+        if cache is not None and past_key_values is not None and cache is not past_key_values:
+            raise ValueError(f"two caches were given (`cache` and `past_key_values`): this transformers calls it "
+                             f"`{CACHE_ARG}`, give the cache under that name only")
         cache = cache if cache is not None else past_key_values
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give `input_ids` or `inputs_embeds` (exactly one of them)")
@@ -356,7 +359,7 @@ class OmniLMMForCausalLM(OmniLMMPreTrainedModel, MistralForCausalLM):
     def prepare_inputs_for_generation(self, input_ids, inputs_embeds=None, is_first_iteration=False, **kwargs):
         """Generation's own inputs, with one change: the images also go to a model's first forward on an empty
         cache when generation calls it "not the first iteration" (the assistant model of assisted decoding)."""
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cache = kwargs.get(CACHE_ARG)
         is_first_iteration = is_first_iteration or cache is None or cache.get_seq_length() == 0
         return super().prepare_inputs_for_generation(
             input_ids, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs

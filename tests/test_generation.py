@@ -4,10 +4,13 @@ a caller's cache, assisted decoding, `inputs_embeds`, no cache, a static cache a
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from conftest import TINY
 from omnilmm_tools.convert import convert
 from test_model import fixture_pixels, prompt
+
+CACHE_ARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 NEW = 8
 
@@ -44,13 +47,20 @@ def test_return_dict_false_gives_tuples(model, inputs):
 
 
 def test_a_callers_cache_and_continuing_from_the_returned_cache(model, inputs, reference):
+    """Under the installed transformers' name for it (`cache` from 5.24, `past_key_values` before)."""
+    name = CACHE_ARG
     cache = DynamicCache(config=model.config)
-    out = model.generate(**inputs, cache=cache, do_sample=False, max_new_tokens=NEW // 2, return_dict_in_generate=True)
+    out = model.generate(**inputs, **{name: cache}, do_sample=False, max_new_tokens=NEW // 2, return_dict_in_generate=True)
     assert torch.equal(out.sequences, reference[:, : inputs["input_ids"].shape[1] + NEW // 2])
-    returned = out.get("cache", out.get("past_key_values"))
     mask = torch.ones_like(out.sequences)
-    more = greedy(model, input_ids=out.sequences, attention_mask=mask, cache=returned, max_new_tokens=NEW // 2)
+    more = greedy(model, input_ids=out.sequences, attention_mask=mask, max_new_tokens=NEW // 2, **{name: out[name]})
     assert torch.equal(more, reference)
+
+
+def test_a_cache_under_the_other_name_is_refused_not_ignored(model, inputs):
+    other = "past_key_values" if CACHE_ARG == "cache" else "cache"
+    with torch.no_grad(), pytest.raises(ValueError, match="two caches were given"):
+        model(**inputs, **{CACHE_ARG: DynamicCache(config=model.config), other: DynamicCache(config=model.config)})
 
 
 def test_assisted_decoding_with_an_image(model, inputs, reference):
