@@ -88,6 +88,17 @@ def _distribute(items, nested, counts, what, placeholder):
     return items if nested else [list(items[a:b]) for a, b in zip(starts[:-1], starts[1:])]
 
 
+def _source_span(span, replacements):
+    """A `(start, end)` in the expanded text → in the text before expansion (in an image's spans: its placeholder)."""
+    start, end = span
+    for (a, b), (new_a, new_b) in ((r["span"], r["new_span"]) for r in reversed(replacements)):
+        if start >= new_b:
+            return start - new_b + b, end - new_b + b
+        if start >= new_a:
+            return a, b
+    return start, end
+
+
 class OmniLMMProcessor(ProcessorMixin):
     r"""An `OmniLMMImageProcessor` and a (Mistral v0.1) tokenizer with `<im_patch>`, `<im_start>`, `<im_end>`.
     `num_query` (256; 64 for MiniCPM-V-style slicing models) is the `<im_patch>` count per span (the model's)."""
@@ -220,6 +231,8 @@ class OmniLMMProcessor(ProcessorMixin):
         data = self._tokenize(expanded, spans, text_kwargs)
         if return_offsets:
             data["text_replacement_offsets"] = offsets
+        elif "offset_mapping" in data:  # into the caller's text (given the replacements, 5.24 maps them itself)
+            data["offset_mapping"] = [[_source_span(o, r) for o in row] for row, r in zip(data["offset_mapping"], offsets)]
         if return_mm:
             data["mm_token_type_ids"] = self.create_mm_token_type_ids(data["input_ids"])
         return BatchFeature(data, tensor_type=text_kwargs.get("return_tensors"),

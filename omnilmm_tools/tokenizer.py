@@ -18,9 +18,10 @@ saved tokenizer folder carries.
 
 Note that transformers 5 saves ``add_bos_token`` into ``tokenizer.json``'s post-processor, not into
 ``tokenizer_config.json``, and its ``tokenizer.apply_chat_template(..., tokenize=True)`` always tokenizes
-with ``add_special_tokens=False``. The chat template does not write BOS (the rendered prompt is exactly
-``<|system|>\\n...``), so tokenize the rendered string with the tokenizer (``tokenizer(prompt)``) or use
-the processor (``processor.apply_chat_template(..., tokenize=True)`` adds BOS once).
+with ``add_special_tokens=False``. The chat template therefore starts with BOS (``<s><|system|>\\n...``), as
+Mistral's own templates do: tokenized with or without special tokens (``tokenizer(prompt)``, the tokenizer's or
+the processor's ``apply_chat_template(..., tokenize=True)``, vLLM's chat) the prompt has BOS exactly once, since
+the processor drops a doubled one.
 """
 
 from __future__ import annotations

@@ -56,3 +56,25 @@ def make_tiny_model_folder(path, tokenizer, slice_mode=False, num_query=16, seed
     generation_config(config).save_pretrained(path)
     copy_remote_code(path)
     return path
+
+
+def make_original_folder(folder):
+    """A random OmniLMM in the original release's format: vocab 32009, bf16 pickle, no tokenizer files."""
+    import json
+
+    import torch
+
+    from omnilmm_tools.remote import remote_module
+
+    folder.mkdir(parents=True)
+    config_dict = json.loads((TINY / "original" / "config.json").read_text())
+    config_dict.update(vocab_size=32009, pad_token_id=0)
+    config = remote_module("configuration_omnilmm").OmniLMMConfig(**config_dict)
+    torch.manual_seed(0)
+    model = remote_module("modeling_omnilmm").OmniLMMForCausalLM(config)
+    torch.save({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, folder / "pytorch_model.bin")
+    (folder / "config.json").write_text(json.dumps(config_dict, indent=2))
+    tokens = ["<im_patch>", "<im_start>", "<im_end>", "<box>", "</box>", "<ref>", "</ref>", "<quad>", "</quad>"]
+    (folder / "added_tokens.json").write_text(json.dumps({t: 32000 + i for i, t in enumerate(tokens)}))
+    (folder / "generation_config.json").write_text((TINY / "original" / "generation_config.json").read_text())
+    return folder

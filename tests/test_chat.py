@@ -65,7 +65,7 @@ def test_processor_generate_decode_equals_chat(model, processor):
     answer = model.chat(image=image, msgs=[{"role": "user", "content": QUESTION}], **greedy())
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    assert prompt.startswith("<|system|>\nYou are an artificial intelligence assistant")
+    assert prompt.startswith("<s><|system|>\nYou are an artificial intelligence assistant")
     assert prompt.endswith(f"<|user|>\n<image>\n{QUESTION}</s>\n<|assistant|>\n")
     inputs = processor(images=[image], text=[prompt], return_tensors="pt")
     output = model.generate(**inputs, do_sample=False, max_new_tokens=6)

@@ -8,26 +8,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer
 
-from conftest import TINY
+from conftest import TINY, make_original_folder
 from omnilmm_tools.remote import REMOTE_CODE_FILES, remote_module
 
 
 @pytest.fixture(scope="module")
 def original_folder(tmp_path_factory):
-    """A random OmniLMM in the original release's format: vocab 32009, bf16 pickle, no tokenizer files."""
-    folder = tmp_path_factory.mktemp("original") / "OmniLMM-small"
-    folder.mkdir()
-    config_dict = json.loads((TINY / "original" / "config.json").read_text())
-    config_dict.update(vocab_size=32009, pad_token_id=0)
-    config = remote_module("configuration_omnilmm").OmniLMMConfig(**config_dict)
-    torch.manual_seed(0)
-    model = remote_module("modeling_omnilmm").OmniLMMForCausalLM(config)
-    torch.save({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, folder / "pytorch_model.bin")
-    (folder / "config.json").write_text(json.dumps(config_dict, indent=2))
-    tokens = ["<im_patch>", "<im_start>", "<im_end>", "<box>", "</box>", "<ref>", "</ref>", "<quad>", "</quad>"]
-    (folder / "added_tokens.json").write_text(json.dumps({t: 32000 + i for i, t in enumerate(tokens)}))
-    (folder / "generation_config.json").write_text((TINY / "original" / "generation_config.json").read_text())
-    return folder
+    return make_original_folder(tmp_path_factory.mktemp("original") / "OmniLMM-small")
 
 
 @pytest.fixture(scope="module")

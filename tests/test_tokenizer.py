@@ -97,12 +97,12 @@ def render(tokenizer, messages, **kwargs):
 def test_chat_template_default_system(tokenizer):
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     assert render(tokenizer, messages, add_generation_prompt=True) == (
-        "<|system|>\n" + SYSTEM + "</s>\n"
+        "<s><|system|>\n" + SYSTEM + "</s>\n"
         "<|user|>\nWhat is the capital of France?</s>\n"
         "<|assistant|>\n"
     )
     assert render(tokenizer, messages) == (
-        "<|system|>\n" + SYSTEM + "</s>\n<|user|>\nWhat is the capital of France?</s>\n"
+        "<s><|system|>\n" + SYSTEM + "</s>\n<|user|>\nWhat is the capital of France?</s>\n"
     )
 
 
@@ -114,7 +114,7 @@ def test_chat_template_system_and_multi_turn(tokenizer):
         {"role": "user", "content": "Name a colour."},
     ]
     assert render(tokenizer, messages, add_generation_prompt=True) == (
-        "<|system|>\nBe brief.</s>\n"
+        "<s><|system|>\nBe brief.</s>\n"
         "<|user|>\nHi!</s>\n"
         "<|assistant|>\nHello. How can I help?</s>\n"
         "<|user|>\nName a colour.</s>\n"
@@ -122,7 +122,7 @@ def test_chat_template_system_and_multi_turn(tokenizer):
     )
     # Without a system message the default one is used, also in multi-turn chats.
     assert render(tokenizer, messages[1:3]) == (
-        "<|system|>\n" + SYSTEM + "</s>\n<|user|>\nHi!</s>\n<|assistant|>\nHello. How can I help?</s>\n"
+        "<s><|system|>\n" + SYSTEM + "</s>\n<|user|>\nHi!</s>\n<|assistant|>\nHello. How can I help?</s>\n"
     )
 
 
@@ -147,20 +147,25 @@ def test_chat_template_content_lists(tokenizer):
         },
     ]
     assert render(tokenizer, messages, add_generation_prompt=True) == (
-        "<|system|>\n" + SYSTEM + "</s>\n"
+        "<s><|system|>\n" + SYSTEM + "</s>\n"
         "<|user|>\n<image>\nWhat is in this image?</s>\n"
         "<|assistant|>\nA cat.</s>\n"
         "<|user|>\nCompare:\n<image>\n<image>\nWhich is bigger?</s>\n"
         "<|assistant|>\n"
     )
     system_list = [{"role": "system", "content": [{"type": "text", "text": "Sys"}]}, {"role": "user", "content": "x"}]
-    assert render(tokenizer, system_list) == "<|system|>\nSys</s>\n<|user|>\nx</s>\n"
+    assert render(tokenizer, system_list) == "<s><|system|>\nSys</s>\n<|user|>\nx</s>\n"
 
 
 def test_chat_prompt_tokenizes_with_one_bos(tokenizer):
-    prompt = render(tokenizer, [{"role": "user", "content": "Hi"}], add_generation_prompt=True)
-    ids = tokenizer(prompt).input_ids
+    # The template writes BOS, as transformers' chat templates do: tokenized as `apply_chat_template(tokenize=True)`
+    # and vLLM's chat tokenize it (no special tokens added), the prompt has exactly one.
+    messages = [{"role": "user", "content": "Hi"}]
+    prompt = render(tokenizer, messages, add_generation_prompt=True)
+    ids = tokenizer(prompt, add_special_tokens=False).input_ids
     assert ids[0] == 1 and ids.count(1) == 1
+    assert tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
+        "input_ids"] == ids
     assert ids.count(2) == 2  # the </s> closing the system and the user turn
 
 

