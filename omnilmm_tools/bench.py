@@ -11,7 +11,9 @@ and reports medians and the median of the per-repetition ratios, next to its tar
    same length;
 5. batched generation: a batch of 8 prompts against 8 calls of one;
 6. conversion and loading: peak RSS of `omnilmm-convert` on a >= 2 GB original-format checkpoint, and
-   `from_pretrained` of the converted folder against a plain Mistral folder of the same size.
+   `from_pretrained` of the converted folder against a plain Mistral folder of the same size;
+7. serving (needs vLLM: `.venv-vllm`): 32 image+text prompts through vLLM's offline engine against one batched
+   `generate`, same folder, same greedy tokens.
 
 The model is random (no download), at the sizes of `--preset` (see `PRESETS`; `--smoke` = tiny, seconds).
 """
@@ -58,8 +60,8 @@ PRESETS = {
         ),
         "photos": [(320, 240), (800, 600)],
         "tile_image": (640, 480),
-        "reps": dict(preprocess=1, vision=1, overhead=1, multiturn=1, batched=1, load=1),
-        "new_tokens": dict(overhead=2, multiturn=2, batched=2),
+        "reps": dict(preprocess=1, vision=1, overhead=1, multiturn=1, batched=1, load=1, serving=1),
+        "new_tokens": dict(overhead=2, multiturn=2, batched=2, serving=2),
     },
     # CPU (2 cores): the real Mistral head dim (128) and EVA patch/grid, at half the real widths and one layer,
     # so that the whole run fits in 15 minutes; the converted checkpoint has the real widths.
@@ -76,8 +78,8 @@ PRESETS = {
         ),
         "photos": [(1600, 1200), (4000, 3000)],
         "tile_image": (1600, 1200),
-        "reps": dict(preprocess=5, vision=4, overhead=7, multiturn=6, batched=2, load=5),
-        "new_tokens": dict(overhead=24, multiturn=8, batched=32),
+        "reps": dict(preprocess=5, vision=4, overhead=7, multiturn=6, batched=2, load=5, serving=2),
+        "new_tokens": dict(overhead=24, multiturn=8, batched=32, serving=32),
     },
     # GPU: the real widths (EVA 1792, Mistral 4096) with a few layers.
     "gpu": {
@@ -93,8 +95,8 @@ PRESETS = {
         ),
         "photos": [(1600, 1200), (4000, 3000)],
         "tile_image": (1600, 1200),
-        "reps": dict(preprocess=5, vision=5, overhead=5, multiturn=5, batched=3, load=3),
-        "new_tokens": dict(overhead=64, multiturn=32, batched=64),
+        "reps": dict(preprocess=5, vision=5, overhead=5, multiturn=5, batched=3, load=3, serving=3),
+        "new_tokens": dict(overhead=64, multiturn=32, batched=64, serving=64),
     },
 }
 NUM_QUERY = 64  # MiniCPM-V-style slicing models: 64 tokens per tile
@@ -564,6 +566,88 @@ def bench_batched(bench: Bench, model, processor):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# 7. Serving: vLLM against batched generate
+# ---------------------------------------------------------------------------------------------------------------
+
+SERVING_PROMPTS = 32
+
+
+def save_model_folder(model, processor, folder: Path) -> Path:
+    """`model` as a Hub folder (weights, processor, generation config, remote code), as `omnilmm-convert` writes."""
+    from .convert import copy_remote_code, generation_config
+    from .tokenizer import save_processor
+
+    model.save_pretrained(folder)
+    save_processor(processor, folder)
+    generation_config(model.config).save_pretrained(folder)
+    copy_remote_code(folder)
+    return folder
+
+
+def bench_serving(bench: Bench, workdir: Path):
+    """vLLM's offline engine (the `omnilmm` plugin) and the project's best `transformers` path (one batched
+    `generate` with the blocked CPU LM head) answer the same image questions greedily, from the same folder.
+    The contenders run one after the other, not alternating: vLLM's engine process keeps spinning while idle."""
+    try:
+        from vllm import LLM
+    except ImportError:
+        raise SystemExit("comparison 7 (serving) needs vLLM: run it in .venv-vllm (see the README)") from None
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    new_tokens = bench.preset["new_tokens"]["serving"]
+    header(f"7. Serving: {SERVING_PROMPTS} image+text prompts, vLLM's offline engine vs one batched generate")
+    folder = save_model_folder(random_model(omnilmm_config(bench.preset["model"]), torch.device("cpu"),
+                                            torch.float32), build_processor(slice_mode=False), workdir / "serving")
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    images = [synthetic_photo(320 + 16 * i, 240 + 8 * i, seed=i) for i in range(SERVING_PROMPTS)]
+    questions = [f"Question {i}: what is in this picture?" for i in range(SERVING_PROMPTS)]
+    chats = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}] for q in questions]
+    prompts = [processor.apply_chat_template(c, add_generation_prompt=True) for c in chats]
+
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
+    model = model.to(bench.device).eval()
+    if bench.device.type == "cpu":
+        block_lm_head(model)
+    inputs = processor(text=prompts, images=[[image] for image in images], return_tensors="pt").to(bench.device)
+    settings = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+
+    def transformers_batch():
+        with torch.inference_mode():
+            return model.generate(**inputs, **settings)[:, inputs["input_ids"].shape[1] :].tolist()
+
+    reps = bench.preset["reps"]["serving"]
+    hf_times = bench.alternate({"transformers": transformers_batch}, reps)["transformers"]
+    hf_tokens = transformers_batch()
+    del model
+    gc.collect()
+
+    started = time.perf_counter()
+    llm = LLM(str(folder), trust_remote_code=True, dtype="float32", gpu_memory_utilization=0.15, seed=0,
+              max_model_len=2048)
+    engine_start = time.perf_counter() - started
+    params = llm.get_default_sampling_params()
+    params.temperature, params.max_tokens, params.min_tokens = 0.0, new_tokens, new_tokens
+    requests = [{"prompt": p, "multi_modal_data": {"image": image}} for p, image in zip(prompts, images)]
+
+    def vllm_engine():
+        return [list(out.outputs[0].token_ids) for out in llm.generate(requests, params, use_tqdm=False)]
+
+    vllm_times = bench.alternate({"vllm": vllm_engine}, reps)["vllm"]
+    same = sum(a == b for a, b in zip(vllm_engine(), hf_tokens))
+    llm.llm_engine.engine_core.shutdown()
+    tokens = SERVING_PROMPTS * new_tokens
+    bench.add(
+        "7 serving",
+        f"throughput vLLM / batched generate ({SERVING_PROMPTS} image prompts, {new_tokens} new tokens)",
+        median(hf_times) / median(vllm_times),
+        ">= 2.00",
+        f"vLLM {tokens / median(vllm_times):.1f} tok/s ({fmt_s(median(vllm_times))}; engine start "
+        f"{engine_start:.0f} s, not counted), batched generate {tokens / median(hf_times):.1f} tok/s "
+        f"({fmt_s(median(hf_times))}); same greedy tokens for {same} of {SERVING_PROMPTS} prompts",
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # 6. Conversion and loading
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -812,7 +896,8 @@ def describe(sizes):
     )
 
 
-COMPARISONS = ("preprocess", "vision", "overhead", "multiturn", "batched", "convert")
+COMPARISONS = ("preprocess", "vision", "overhead", "multiturn", "batched", "convert", "serving")
+DEFAULT_COMPARISONS = COMPARISONS[:-1]  # serving needs vLLM's environment: `--only serving` there
 
 
 def main(argv=None) -> int:
@@ -821,7 +906,7 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds: checks that everything runs")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="sizes (default: cpu on CPU, gpu on CUDA)")
     parser.add_argument("--skip-convert", action="store_true", help="leave out comparison 6 (writes ~7 GB of files)")
-    parser.add_argument("--only", help=f"comma-separated subset of {','.join(COMPARISONS)}")
+    parser.add_argument("--only", help=f"comma-separated subset of {','.join(COMPARISONS)} (default: all but serving)")
     parser.add_argument("--reps", type=int, help="timed repetitions of every comparison (default: the preset's)")
     parser.add_argument("--workdir", help="where the temporary checkpoints go (default: a new temp folder)")
     parser.add_argument("--json", help="also write the results to this JSON file")
@@ -832,7 +917,7 @@ def main(argv=None) -> int:
     preset = json.loads(json.dumps(PRESETS[preset_name]))
     if args.reps:
         preset["reps"] = {key: args.reps for key in preset["reps"]}
-    selected = COMPARISONS if not args.only else tuple(c.strip() for c in args.only.split(","))
+    selected = DEFAULT_COMPARISONS if not args.only else tuple(c.strip() for c in args.only.split(","))
     unknown = set(selected) - set(COMPARISONS)
     if unknown:
         parser.error(f"unknown comparisons {sorted(unknown)}; choose from {COMPARISONS}")
@@ -878,6 +963,14 @@ def main(argv=None) -> int:
         workdir.mkdir(parents=True, exist_ok=True)
         try:
             bench_convert_and_load(bench, workdir)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    if "serving" in selected:
+        workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="omnilmm-bench-"))
+        workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            bench_serving(bench, workdir)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 
