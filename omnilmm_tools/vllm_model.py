@@ -138,7 +138,7 @@ class OmniLMMMultiModalProcessor(BaseMultiModalProcessor[OmniLMMProcessingInfo])
 
     def _apply_prompt_updates(self, token_ids, mm_prompt_updates):
         """Expand each `<image>` in the text and tokenize the result, as `OmniLMMProcessor` does (replacing its
-        tokens in place would tokenize the text next to an image differently)."""
+        tokens in place would tokenize the text next to an image differently), BOS once."""
         tokenizer, processor = self.info.get_tokenizer(), self.info.get_hf_processor()
         if any(token in processor.image_token_ids for token in token_ids):
             raise ValueError("the prompt holds literal <im_start>/<im_patch>/<im_end> tokens: give images as image "
@@ -150,6 +150,8 @@ class OmniLMMMultiModalProcessor(BaseMultiModalProcessor[OmniLMMProcessingInfo])
                              f"{len(updates)} image(s) were given; give one placeholder per image")
         text = pieces[0] + "".join(prompt_text(tokenizer, u.content.full) + p for u, p in zip(updates, pieces[1:]))
         new_ids = tokenizer.encode(text, add_special_tokens=False)
+        if new_ids[:2] == [tokenizer.bos_token_id] * 2:  # a rendered chat prompt (it has BOS) tokenized with BOS
+            new_ids = new_ids[1:]  # never two, as in the processor
         return new_ids, self._find_mm_placeholders(new_ids, {"image": [[u] for u in updates]} if updates else {})
 
 

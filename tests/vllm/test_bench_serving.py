@@ -11,5 +11,6 @@ def test_serving_comparison_runs_and_both_give_the_same_greedy_tokens(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     row = re.search(r"throughput vLLM / batched generate.*ratio\s+(\d+\.\d+)\s+target >= 2\.00", result.stdout)
     assert row and float(row.group(1)) > 0, result.stdout
-    same = re.search(r"same greedy tokens for (\d+) of 32 prompts", result.stdout)
-    assert same and 0 <= int(same.group(1)) <= 32, result.stdout  # reported; exact equality: test_offline.py
+    # both answer the same prompts with the same greedy tokens (the same folder, the plain LM head as reference)
+    assert "same greedy tokens for 32 of 32 prompts" in result.stdout, result.stdout
+    assert re.search(r"decoding steps after it take .* \((\d+\.\d+)x\)", result.stdout), result.stdout

@@ -119,6 +119,19 @@ def test_a_converted_checkpoint_in_square_mode_answers_as_in_transformers(tmp_pa
         llm.llm_engine.engine_core.shutdown()
 
 
+def test_a_rendered_prompt_given_as_text_has_the_processor_ids(demo_engine):
+    """`LLM.generate` tokenizes a text prompt with BOS, and the rendered chat template starts with one: as in the
+    processor, an image prompt still has one BOS."""
+    processor = AutoProcessor.from_pretrained(ROOT / "demo_model", trust_remote_code=True)
+    image, question = conversations()["one image"]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    expected = processor(text=[prompt], images=[[image]])["input_ids"][0].tolist()
+    request = {"prompt": prompt, "multi_modal_data": {"image": image}}
+    output = demo_engine.generate([request], greedy(demo_engine, max_tokens=1), use_tqdm=False)[0]
+    assert output.prompt_token_ids == expected and expected.count(processor.tokenizer.bos_token_id) == 1
+
+
 def test_max_slice_nums_is_honoured_per_request(demo_engine):
     wide = conversations()["sliced image"]
     params = greedy(demo_engine, max_tokens=1)
