@@ -220,7 +220,8 @@ class OmniLMMProcessor(ProcessorMixin):
         if return_offsets:
             data["text_replacement_offsets"] = offsets
         elif "offset_mapping" in data:  # into the caller's text (given the replacements, 5.24 maps them itself)
-            data["offset_mapping"] = [[_source_span(o, r) for o in row] for row, r in zip(data["offset_mapping"], offsets)]
+            rows = zip(data["offset_mapping"], offsets)
+            data["offset_mapping"] = [[_source_span(o, r) for o in row] for row, r in rows]
         if return_mm:
             data["mm_token_type_ids"] = self.create_mm_token_type_ids(data["input_ids"])
         return BatchFeature(data, tensor_type=text_kwargs.get("return_tensors"),

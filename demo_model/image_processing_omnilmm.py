@@ -17,7 +17,7 @@ from torchvision.transforms.v2 import functional as tvF
 
 from transformers.image_processing_backends import PilBackend, TorchvisionBackend
 from transformers.image_processing_utils import BatchFeature
-from transformers.image_utils import PILImageResampling  # noqa: F401 - resolves ImagesKwargs' type hints (vLLM reads them)
+from transformers.image_utils import PILImageResampling  # noqa: F401 - ImagesKwargs' type hints need it (vLLM)
 from transformers.processing_utils import ImagesKwargs
 from transformers.utils import logging
 
