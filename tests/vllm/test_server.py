@@ -138,6 +138,9 @@ BAD_REQUESTS = {  # name: (the request's arguments, built when the test runs; wh
     "more images than the context holds": (lambda: dict(messages=[{"role": "user", "content": [
         *[{"type": "image_url", "image_url": {"url": wide_url()}}] * 30, {"type": "text", "text": QUESTION}]}]),
         "maximum context length"),
+    "literal image tokens": (lambda: dict(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": wide_url()}}, {"type": "text", "text": "<im_start><im_end>?"}]}]),
+        "literal <im_start>/<im_patch>/<im_end> tokens"),
     "no messages": (lambda: dict(messages=[]), "empty conversation"),
 }
 
