@@ -572,18 +572,6 @@ def bench_batched(bench: Bench, model, processor):
 SERVING_PROMPTS = 32
 
 
-def save_model_folder(model, processor, folder: Path) -> Path:
-    """`model` as a Hub folder (weights, processor, generation config, remote code), as `omnilmm-convert` writes."""
-    from .convert import copy_remote_code, generation_config
-    from .tokenizer import save_processor
-
-    model.save_pretrained(folder)
-    save_processor(processor, folder)
-    generation_config(model.config).save_pretrained(folder)
-    copy_remote_code(folder)
-    return folder
-
-
 def bench_serving(bench: Bench, workdir: Path):
     """vLLM's offline engine (the `omnilmm` plugin) and the project's best `transformers` path (one batched
     `generate` with the blocked CPU LM head) answer the same image questions greedily, from the same folder, each
@@ -600,10 +588,13 @@ def bench_serving(bench: Bench, workdir: Path):
         raise SystemExit("comparison 7 (serving) needs vLLM: run it in .venv-vllm (see the README)") from None
     from transformers import AutoModelForCausalLM, AutoProcessor
 
+    from .finetune import save_hub_folder
+
     new_tokens, reps = bench.preset["new_tokens"]["serving"], bench.preset["reps"]["serving"]
     header(f"7. Serving: {SERVING_PROMPTS} image+text prompts, vLLM's offline engine vs one batched generate")
-    folder = save_model_folder(random_model(omnilmm_config(bench.preset["model"]), torch.device("cpu"),
-                                            torch.float32), build_processor(slice_mode=False), workdir / "serving")
+    folder = workdir / "serving"
+    model = random_model(omnilmm_config(bench.preset["model"]), torch.device("cpu"), torch.float32)
+    save_hub_folder(model, build_processor(slice_mode=False), folder, dtype=None, greedy=False)
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     images = [synthetic_photo(320 + 16 * i, 240 + 8 * i, seed=i) for i in range(SERVING_PROMPTS)]
     chats = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"Question {i}: what is "

@@ -74,12 +74,11 @@ class OmniLMMProcessingInfo(BaseProcessingInfo):
 
     def get_image_size_with_most_features(self) -> ImageSize:
         """A wide image that takes `max_slice_nums` tiles in one row (the most image tokens)."""
-        processor = self.get_hf_processor()
+        processor, limit = self.get_hf_processor(), self.max_slice_nums()
         side = self.engine_kwargs().get("scale_resolution", processor.image_processor.scale_resolution)
-        sizes = [ImageSize(width=side * n, height=side) for n in range(1, self.max_slice_nums() + 1)]
-        counts = processor._get_num_multimodal_tokens(
-            [(s.height, s.width) for s in sizes], max_slice_nums=self.max_slice_nums()
-        )["num_image_tokens"]
+        sizes = [ImageSize(width=side * n, height=side) for n in range(1, limit + 1)]
+        counts = processor._get_num_multimodal_tokens([(s.height, s.width) for s in sizes], max_slice_nums=limit)
+        counts = counts["num_image_tokens"]
         return sizes[max(range(len(sizes)), key=counts.__getitem__)]
 
 

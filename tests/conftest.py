@@ -78,3 +78,14 @@ def make_original_folder(folder):
     (folder / "added_tokens.json").write_text(json.dumps({t: 32000 + i for i, t in enumerate(tokens)}))
     (folder / "generation_config.json").write_text((TINY / "original" / "generation_config.json").read_text())
     return folder
+
+
+def run_converter(original, dst):
+    """`python -m omnilmm_tools.convert original dst` in 1 MB shards (a sharded folder); `dst` when it succeeds."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "omnilmm_tools.convert", str(original), str(dst),
+                             "--max-shard-size", "1MB"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return dst

@@ -1,14 +1,12 @@
 """omnilmm-convert on an original-format folder with the real vocabulary size: shards, tokenizer, processor."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer
 
-from conftest import TINY, make_original_folder
+from conftest import TINY, make_original_folder, run_converter
 from omnilmm_tools.remote import REMOTE_CODE_FILES, remote_module
 
 
@@ -19,14 +17,7 @@ def original_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def converted(original_folder, tmp_path_factory):
-    dst = tmp_path_factory.mktemp("converted") / "hub"
-    result = subprocess.run(
-        [sys.executable, "-m", "omnilmm_tools.convert", str(original_folder), str(dst), "--max-shard-size", "1MB"],
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, result.stderr
-    return dst
+    return run_converter(original_folder, tmp_path_factory.mktemp("converted") / "hub")
 
 
 def test_the_hub_folder_is_self_contained(converted):

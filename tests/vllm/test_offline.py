@@ -4,8 +4,6 @@
 Runs in `.venv-vllm` (vLLM pins its own torch and transformers); one engine per model, shared by the module."""
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForCausalLM, AutoProcessor
 
-from conftest import make_original_folder
+from conftest import make_original_folder, run_converter
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_TOKENS = 8
@@ -108,10 +106,7 @@ def test_demo_model_answers_as_in_transformers(demo_engine):
 
 def test_a_converted_checkpoint_in_square_mode_answers_as_in_transformers(tmp_path_factory):
     original = make_original_folder(tmp_path_factory.mktemp("original") / "OmniLMM-small")
-    converted = tmp_path_factory.mktemp("converted") / "hub"
-    result = subprocess.run([sys.executable, "-m", "omnilmm_tools.convert", str(original), str(converted),
-                             "--max-shard-size", "1MB"], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    converted = run_converter(original, tmp_path_factory.mktemp("converted") / "hub")
     llm = start_engine(converted)
     try:
         check_same_as_transformers(llm, converted)

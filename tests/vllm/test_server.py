@@ -73,9 +73,8 @@ def data_url(image) -> str:
 
 
 def ask(client, url, question=QUESTION, **kwargs):
-    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}]
-    return client.chat.completions.create(model=str(DEMO), messages=[{"role": "user", "content": content}],
-                                          temperature=0, max_tokens=MAX_TOKENS, **kwargs)
+    return client.chat.completions.create(model=str(DEMO), messages=[image_message(url, question)], temperature=0,
+                                          max_tokens=MAX_TOKENS, **kwargs)
 
 
 def answer(client, url, question=QUESTION, **kwargs) -> str:
@@ -145,9 +144,9 @@ BAD_REQUESTS = {  # name: (the request's arguments, built when the test runs; wh
 }
 
 
-def image_message(url):
+def image_message(url, question=QUESTION):
     return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                        {"type": "text", "text": QUESTION}]}
+                                        {"type": "text", "text": question}]}
 
 
 @pytest.mark.parametrize("case", list(BAD_REQUESTS))
