@@ -18,7 +18,6 @@ and reports medians and the median of the per-repetition ratios, next to its tar
 The model is random (no download), at the sizes of `--preset` (see `PRESETS`; `--smoke` = tiny, seconds).
 """
 
-import argparse
 import gc
 import json
 import math
@@ -37,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cli import Parser, positive_int, torch_device
 from .cpu_decoding import block_lm_head
 from .remote import remote_module
 
@@ -594,7 +594,7 @@ def bench_serving(bench: Bench, workdir: Path):
     header(f"7. Serving: {SERVING_PROMPTS} image+text prompts, vLLM's offline engine vs one batched generate")
     folder = workdir / "serving"
     model = random_model(omnilmm_config(bench.preset["model"]), torch.device("cpu"), torch.float32)
-    save_hub_folder(model, build_processor(slice_mode=False), folder, dtype=None, greedy=False)
+    save_hub_folder(model, build_processor(slice_mode=False), folder)
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     images = [synthetic_photo(320 + 16 * i, 240 + 8 * i, seed=i) for i in range(SERVING_PROMPTS)]
     chats = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"Question {i}: what is "
@@ -906,13 +906,13 @@ DEFAULT_COMPARISONS = COMPARISONS[:-1]  # serving needs vLLM's environment: `--o
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="omnilmm-bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser = Parser("omnilmm-bench", __doc__.split("\n\n")[0])
+    parser.add_argument("--device", type=torch_device, default="cpu", help="cpu or cuda")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds: checks that everything runs")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="sizes (default: cpu on CPU, gpu on CUDA)")
     parser.add_argument("--skip-convert", action="store_true", help="leave out comparison 6 (writes ~7 GB of files)")
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(COMPARISONS)} (default: all but serving)")
-    parser.add_argument("--reps", type=int, help="timed repetitions of every comparison (default: the preset's)")
+    parser.add_argument("--reps", type=positive_int, help="timed repetitions of every comparison (default: the preset's)")
     parser.add_argument("--workdir", help="where the temporary checkpoints go (default: a new temp folder)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)

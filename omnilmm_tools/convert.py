@@ -7,7 +7,6 @@ files, and a model card. Pickles are read with `weights_only=True` (no code runs
 written one at a time, so a 23 GB checkpoint never sits in memory whole.
 """
 
-import argparse
 import ctypes
 import json
 import mmap
@@ -21,6 +20,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
+from .cli import Parser, fail
+from .model_card import converted_model_card
 from .remote import REMOTE_CODE_FILES, ROOT, remote_module
 
 IMAGE_TOKENS = {"<im_patch>": "im_patch_token_id", "<im_start>": "im_start_token_id", "<im_end>": "im_end_token_id"}
@@ -267,23 +268,28 @@ def copy_remote_code(dst: Path) -> None:
         shutil.copy2(ROOT / name, dst / name)
 
 
-def write_processor(src: Path, dst: Path, config, added_tokens: dict) -> bool:
-    """Image processor, tokenizer and processor files. Without tokenizer files in `src`, the Mistral v0.1
-    vocabulary is used when the config fits it; otherwise only the image processor is written (with a warning)."""
+def write_processor(src: Path, dst: Path, config, added_tokens: dict, tokenizer_file: Path | None = None) -> bool:
+    """Image processor, tokenizer and processor files. The tokenizer is `tokenizer_file` (a SentencePiece
+    `tokenizer.model`), else `src`'s own, else the Mistral v0.1 vocabulary when the config fits it; with none of them
+    only the image processor is written (with a warning)."""
     image_processor = remote_module("image_processing_omnilmm").OmniLMMImageProcessor(image_size=config.image_size)
-    has_own_tokenizer = (src / "tokenizer.model").is_file()
-    if not has_own_tokenizer and (config.im_patch_token_id != 32000 or config.vocab_size != 32009):
+    tokenizer_file = tokenizer_file or (src / "tokenizer.model" if (src / "tokenizer.model").is_file() else None)
+    if tokenizer_file is None and (config.im_patch_token_id != 32000 or config.vocab_size != 32009):
         print(
             f"warning: {src} has no tokenizer files, and its image tokens (<im_patch> = {config.im_patch_token_id}, "
             f"vocabulary of {config.vocab_size}) do not fit the Mistral v0.1 vocabulary (32000 + 9 tokens): "
-            "only the image processor was written. Put the folder's tokenizer.model next to its config to convert it."
+            "only the image processor was written. Give the model's tokenizer.model with --tokenizer to convert it."
         )
         type(image_processor).register_for_auto_class("AutoImageProcessor")  # writes its auto_map entry
         image_processor.save_pretrained(dst)
         return False
-    from .tokenizer import build_tokenizer, load_original_tokenizer, save_processor
+    from .tokenizer import build_tokenizer, save_processor
 
-    tokenizer = load_original_tokenizer(src) if has_own_tokenizer else build_tokenizer(added_tokens or None)
+    tokenizer = build_tokenizer(added_tokens or None, vocab_file=tokenizer_file)
+    if len(tokenizer) > config.vocab_size:  # (fewer is fine: embedding rows may be padding)
+        raise ValueError(f"the tokenizer {tokenizer_file or 'of Mistral v0.1'} has {len(tokenizer)} tokens with the "
+                         f"image tokens, more than the model's vocabulary of {config.vocab_size}: it is not this "
+                         "model's tokenizer")
     processor = remote_module("processing_omnilmm").OmniLMMProcessor(
         image_processor=image_processor, tokenizer=tokenizer, num_query=config.num_query
     )
@@ -292,21 +298,18 @@ def write_processor(src: Path, dst: Path, config, added_tokens: dict) -> bool:
 
 
 def write_model_card(dst: Path, src: Path, config) -> None:
-    card = (ROOT / "README.md").read_text() if (ROOT / "README.md").is_file() else "# OmniLMM\n"
-    header = (
-        f"<!-- Converted from {src.name} by omnilmm-convert: {config.num_hidden_layers} decoder layers, "
-        f"hidden size {config.hidden_size}, {config.num_query} query tokens per image. -->\n"
-    )
-    (dst / "README.md").write_text(card if card.startswith("---") else header + card)
+    (dst / "README.md").write_text(converted_model_card(config, src))
 
 
-def convert(src, dst, max_shard_size="2GB") -> Path:
-    """Convert the original-format folder `src` into the Hub folder `dst` (created; must be empty if it exists)."""
+def convert(src, dst, max_shard_size="2GB", tokenizer=None) -> Path:
+    """Convert the original-format folder `src` into the Hub folder `dst` (created; must be empty if it exists).
+    `tokenizer`: the SentencePiece `tokenizer.model` to use (or a folder holding one) when `src` has none."""
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise FileNotFoundError(f"{src} is not a folder")
-    if dst.exists() and any(dst.iterdir()):
-        raise FileExistsError(f"{dst} exists and is not empty; give a new folder")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise FileExistsError(f"{dst} exists and is not an empty folder; give a new folder")
+    tokenizer_file = tokenizer_model_file(tokenizer)
     config, added_tokens = load_config(src)
     dst.mkdir(parents=True, exist_ok=True)
     try:
@@ -314,7 +317,7 @@ def convert(src, dst, max_shard_size="2GB") -> Path:
         config.save_pretrained(dst)
         write_generation_config(src, dst, config)
         copy_remote_code(dst)
-        write_processor(src, dst, config, added_tokens)
+        write_processor(src, dst, config, added_tokens, tokenizer_file)
         write_model_card(dst, src, config)
     except BaseException:
         shutil.rmtree(dst, ignore_errors=True)  # it was new or empty: leave no half-written folder behind
@@ -322,13 +325,29 @@ def convert(src, dst, max_shard_size="2GB") -> Path:
     return dst
 
 
+def tokenizer_model_file(path) -> Path | None:
+    """`--tokenizer`: a `tokenizer.model` file, or a folder holding one (`None`: none given)."""
+    if path is None:
+        return None
+    path = Path(path)
+    path = path / "tokenizer.model" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"no SentencePiece tokenizer.model at {path}")
+    return path
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="omnilmm-convert", description=__doc__.split("\n\n")[0])
+    parser = Parser("omnilmm-convert", __doc__.split("\n\n")[0])
     parser.add_argument("src", help="the original release folder (config.json, pytorch_model.bin, added_tokens.json)")
     parser.add_argument("dst", help="the Hub folder to write (new or empty)")
-    parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
+    parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard")
+    parser.add_argument("--tokenizer", default=None,
+                        help="the model's SentencePiece tokenizer.model (or its folder), for a SRC without one")
     args = parser.parse_args(argv)
-    dst = convert(args.src, args.dst, args.max_shard_size)
+    try:
+        dst = convert(args.src, args.dst, args.max_shard_size, args.tokenizer)
+    except (OSError, ValueError) as error:  # a missing or bad input, an existing output, a full disk ...
+        fail(parser.prog, error)
     print(f"wrote {dst}: load it with AutoModelForCausalLM.from_pretrained({str(dst)!r}, trust_remote_code=True)")
 
 

@@ -10,10 +10,8 @@ seed's). Answers are decoded greedily and compared with the expected word (case 
 image must fall to about chance there.
 """
 
-import argparse
 import json
 import random
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -21,7 +19,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .cli import Parser, fail, positive_int, torch_device
 from .cpu_decoding import block_lm_head
+from .remote import ROOT
 from .shapes import COLOURS, COUNT_WORDS, POSITIONS, QUESTION_TYPES, SHAPES, eval_items
 
 CHANCE = {"colour": 1 / len(COLOURS), "shape": 1 / len(SHAPES), "position": 1 / len(POSITIONS), "count": 1 / len(COUNT_WORDS),
@@ -29,7 +29,7 @@ CHANCE = {"colour": 1 / len(COLOURS), "shape": 1 / len(SHAPES), "position": 1 / 
 
 
 def default_model_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "demo_model"
+    return ROOT / "demo_model"
 
 
 def load(model_dir, device=None):
@@ -119,18 +119,20 @@ def format_table(result: dict) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="omnilmm-eval-shapes", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=str(default_model_dir()), help="a Hub folder (default: the repo's demo_model)")
+    parser = Parser("omnilmm-eval-shapes", __doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=str(default_model_dir()),
+                        help="a Hub folder (default: the demo model that comes with this package)")
     parser.add_argument("--seed", type=int, default=12345, help="generator seed of the evaluation images")
-    parser.add_argument("--n", type=int, default=200, help="number of questions (the four types in turn)")
+    parser.add_argument("--n", type=positive_int, default=200, help="number of questions (the four types in turn)")
     parser.add_argument("--shuffle-images", action="store_true", help="control: each question gets another one's image")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="questions per generate call")
+    parser.add_argument("--device", type=torch_device, default=None,
+                        help="cpu, cuda, cuda:1, mps ... (default: cuda when available, else cpu)")
     parser.add_argument("--json", dest="json_path", help="also write the accuracies and every answer to this file")
     parser.add_argument("--show-errors", type=int, default=0, help="print up to this many wrong answers")
     args = parser.parse_args(argv)
-    if not Path(args.model).is_dir():
-        sys.exit(f"omnilmm-eval-shapes: {args.model} is not a model folder")
+    if not (Path(args.model) / "config.json").is_file():
+        fail(parser.prog, f"{args.model} is not a model folder (it has no config.json)")
     torch.manual_seed(0)
     model, processor = load(args.model, args.device)
     start = time.time()

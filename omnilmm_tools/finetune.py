@@ -1,6 +1,6 @@
 """`omnilmm-finetune`: fine-tune an OmniLMM Hub folder (or a fresh random model) on MiniCPM-V-format data.
 
-The data (SPEC §9) is one JSON list of samples
+The data (MiniCPM-V's fine-tuning format) is one JSON list of samples
 ``{"id": ..., "image": "a.png" | {"<image_00>": "a.png", "<image_01>": "b.png"}, "conversations": [{"role": "user",
 "content": "<image>\\nWhat is this?"}, {"role": "assistant", "content": "..."}, ...]}``:
 several images per sample and several turns are fine. Images are placed where their placeholder is: ``<image>``, or
@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -35,7 +33,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from .remote import REMOTE_CODE_FILES, ROOT, remote_module
+from .cli import Parser, positive_int
+from .remote import remote_module
 from .tokenizer import save_processor
 
 IGNORE_INDEX = -100
@@ -69,7 +68,7 @@ def say(message: str, all_ranks: bool = False) -> None:
 
 
 def parse_sample(sample: dict, base_dir: Path) -> tuple[list[dict], list[Path]]:
-    """One SPEC §9 sample → `(messages, image_paths)`. The messages' user contents hold one ``<image>`` per image, in
+    """One sample (MiniCPM-V's format) → `(messages, image_paths)`. The messages' user contents hold one ``<image>`` per image, in
     the order of `image_paths`. Raises `BadSample` naming the sample's id for anything that cannot be trained on."""
     sample_id = sample.get("id", "?") if isinstance(sample, dict) else "?"
     if not isinstance(sample, dict):
@@ -233,7 +232,7 @@ def build_example(processor, messages: list[dict], images: list, max_slice_nums=
 
 
 class SupervisedDataset(Dataset):
-    """SPEC §9 JSON → training examples, built on access. Samples that fail the up-front checks (missing image
+    """MiniCPM-V-format JSON → training examples, built on access. Samples that fail the up-front checks (missing image
     file, placeholder/image count mismatch, malformed conversation) are dropped with a message naming their id
     (``bad_sample="skip"``) or stop everything (``"stop"``); a sample that fails later (an unreadable image, too
     long) is replaced by the next good one, or stops."""
@@ -450,18 +449,20 @@ def count_parameters(model) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def write_generation_config(model, dst: Path, greedy: bool = False) -> None:
+def write_generation_config(model, dst: Path, decoding: str = "keep") -> None:
+    """`generation_config.json` for the saved `model`. `decoding`: "keep" the model's own settings (a fresh model
+    has none: the original `chat()`'s sampling), "greedy", or "sampling" (the original's settings)."""
     from transformers import GenerationConfig
 
     from .convert import SAMPLING_DEFAULTS, image_span_token_ids
 
-    settings = {"do_sample": False} if greedy else dict(SAMPLING_DEFAULTS)
-    source = getattr(model, "generation_config", None)
-    base = {}
-    if source is not None:
-        base = {k: v for k, v in source.to_diff_dict().items() if not k.startswith("_") and k != "transformers_version"}
+    source = model.generation_config
+    base = {k: v for k, v in source.to_diff_dict().items() if not k.startswith("_") and k != "transformers_version"}
+    settings = {}
+    if decoding != "keep" or getattr(source, "_from_model_config", False):
         for key in ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty"):
             base.pop(key, None)
+        settings = {"do_sample": False} if decoding == "greedy" else dict(SAMPLING_DEFAULTS)
     config = model.config
     values = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, "pad_token_id": 0,
               "max_new_tokens": 1024, **base, **settings, "use_cache": True,
@@ -469,9 +470,9 @@ def write_generation_config(model, dst: Path, greedy: bool = False) -> None:
     GenerationConfig(**values).save_pretrained(dst)
 
 
-def save_hub_folder(model, processor, dst: Path, dtype: torch.dtype | None, greedy: bool) -> None:
+def save_hub_folder(model, processor, dst: Path, dtype: torch.dtype | None = None, decoding: str = "keep") -> None:
     """`model` (an OmniLMMForCausalLM) as a self-contained Hub folder: config, safetensors, processor and tokenizer
-    files, the remote-code .py files and generation_config.json."""
+    files, the remote-code .py files and generation_config.json (see `write_generation_config`)."""
     from .convert import copy_remote_code
 
     dst.mkdir(parents=True, exist_ok=True)
@@ -481,7 +482,7 @@ def save_hub_folder(model, processor, dst: Path, dtype: torch.dtype | None, gree
     model.save_pretrained(dst)
     save_processor(processor, dst)
     copy_remote_code(dst)
-    write_generation_config(model, dst, greedy)
+    write_generation_config(model, dst, decoding)
 
 
 def save_outputs(trainer, model, processor, args) -> None:
@@ -504,10 +505,10 @@ def save_outputs(trainer, model, processor, args) -> None:
             say(f"saved the LoRA adapter to {adapter_dir} (load: PeftModel.from_pretrained(base, {str(adapter_dir)!r}))")
             return
         merged = model.merge_and_unload()
-        save_hub_folder(merged, processor, output, dtype, args.greedy_generation_config)
+        save_hub_folder(merged, processor, output, dtype, args.generation_config)
         say(f"saved the merged model to {output} and the adapter to {adapter_dir}")
         return
-    save_hub_folder(model, processor, output, dtype, args.greedy_generation_config)
+    save_hub_folder(model, processor, output, dtype, args.generation_config)
     say(f"saved the model to {output}")
 
 
@@ -517,13 +518,12 @@ def save_outputs(trainer, model, processor, args) -> None:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="omnilmm-finetune", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = Parser("omnilmm-finetune", __doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="an OmniLMM Hub folder (config, weights, processor) to start from")
     source.add_argument("--init-config", help="start from a fresh random model: a JSON file (or inline JSON) of "
                         "OmniLMMConfig arguments, with image-processor arguments under \"image_processor\"")
-    parser.add_argument("--data", required=True, help="training data: a JSON list in MiniCPM-V's format (SPEC §9)")
+    parser.add_argument("--data", required=True, help="training data: a JSON list in MiniCPM-V's fine-tuning format (see the README)")
     parser.add_argument("--output", required=True, help="folder for the fine-tuned Hub folder (and checkpoints)")
     parser.add_argument("--tune-vision", action=argparse.BooleanOptionalAction, default=True, help="train the vision tower")
     parser.add_argument("--tune-llm", action=argparse.BooleanOptionalAction, default=True,
@@ -531,43 +531,47 @@ def parse_args(argv=None):
     parser.add_argument("--lora", action="store_true", help="LoRA adapters on the LLM; the resampler is trained fully")
     parser.add_argument("--lora-target-modules", default=",".join(DEFAULT_LORA_TARGETS),
                         help="comma-separated projection names of the decoder layers to adapt (vision tower excluded)")
-    parser.add_argument("--lora-r", type=int, default=64)
-    parser.add_argument("--lora-alpha", type=int, default=64)
-    parser.add_argument("--lora-dropout", type=float, default=0.05)
+    parser.add_argument("--lora-r", type=positive_int, default=64, help="LoRA rank")
+    parser.add_argument("--lora-alpha", type=int, default=64, help="LoRA scaling numerator (scale = alpha / r)")
+    parser.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA inputs")
     parser.add_argument("--merge-lora", action="store_true", help="save the merged model (the adapter goes to OUTPUT/adapter)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="for the LLM and the vision tower")
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
     parser.add_argument("--fp16", action="store_true", help="fp16 mixed precision (GPU)")
-    parser.add_argument("--max-slice-nums", type=int, default=None, help="most tiles per image (default: the processor's)")
+    parser.add_argument("--max-slice-nums", type=positive_int, default=None, help="most tiles per image (default: the processor's)")
     parser.add_argument("--max-length", type=int, default=2048,
                         help="longest sample in tokens; longer ones are bad samples (never truncated through an image)")
-    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--epochs", type=float, default=1.0, help="passes over the data")
     parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimiser steps (overrides --epochs)")
-    parser.add_argument("--lr", type=float, default=1e-5)
-    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     parser.add_argument("--warmup", type=float, default=0.0,
                         help="learning-rate warmup: a fraction of the training steps (< 1) or a number of steps (>= 1)")
-    parser.add_argument("--lr-scheduler", default="cosine")
-    parser.add_argument("--batch-size", type=int, default=1, help="per device (process)")
-    parser.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
-    parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    parser.add_argument("--lr-scheduler", default="cosine", help="a transformers scheduler name")
+    parser.add_argument("--batch-size", type=positive_int, default=1, help="per device (process)")
+    parser.add_argument("--grad-accum", type=positive_int, default=1, help="gradient accumulation steps")
+    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
     parser.add_argument("--optim", default="adamw_torch", help="a TrainingArguments optimizer name")
     parser.add_argument("--seed", type=int, default=42, help="model initialisation and data order")
     parser.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True,
                         help="shuffle the data each epoch (seeded: the order is the same for any number of processes)")
     parser.add_argument("--bad-sample", choices=("skip", "stop"), default="skip",
                         help="a bad sample (missing image, placeholder/image mismatch ...) is skipped or stops the run")
-    parser.add_argument("--logging-steps", type=int, default=10)
+    parser.add_argument("--logging-steps", type=positive_int, default=10, help="log the loss every N steps")
     parser.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: only the final model)")
     parser.add_argument("--save-dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
                         help="dtype of the saved weights (auto: as trained)")
-    parser.add_argument("--greedy-generation-config", action="store_true",
-                        help="write a greedy generation_config.json (default: the original's sampling settings)")
-    parser.add_argument("--attn-implementation", choices=("sdpa", "eager", "flash_attention_2"), default=None)
-    parser.add_argument("--deepspeed", default=None, help="a DeepSpeed config JSON, e.g. configs/deepspeed_zero2.json")
+    parser.add_argument("--generation-config", choices=("keep", "greedy", "sampling"), default="keep",
+                        help="the saved generation_config.json: keep the base model's (a fresh model: the original "
+                        "chat()'s sampling settings), greedy decoding, or the original's sampling settings")
+    parser.add_argument("--greedy-generation-config", dest="generation_config", action="store_const", const="greedy",
+                        help="the same as --generation-config greedy")
+    parser.add_argument("--attn-implementation", choices=("sdpa", "eager", "flash_attention_2"), default=None,
+                        help="the decoder's attention (default: the folder's, sdpa)")
+    parser.add_argument("--deepspeed", default=None, help="a DeepSpeed config JSON (for GPUs; the README has one for ZeRO-2)")
     parser.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is available")
-    parser.add_argument("--report-to", default="none")
+    parser.add_argument("--report-to", default="none", help="a Trainer report_to integration (tensorboard, wandb ...)")
     args = parser.parse_args(argv)
     args.lora_target_modules = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
     if args.merge_lora and not args.lora:
@@ -587,7 +591,7 @@ def main(argv=None) -> None:
     dataset = SupervisedDataset(args.data, processor, args.max_slice_nums, args.max_length, args.bad_sample)
     say(f"{len(dataset)} training samples" + (f" ({len(dataset.skipped)} bad ones skipped)" if dataset.skipped else ""))
     if args.lora and args.init_config and is_main_process():  # the adapter needs its (random) base: keep it
-        save_hub_folder(model, processor, Path(args.output) / "base_model", None, greedy=False)
+        save_hub_folder(model, processor, Path(args.output) / "base_model")
     model = set_trainable(model, args)
     trainable, total = count_parameters(model)
     say(f"training {trainable:,} of {total:,} parameters")

@@ -10,7 +10,10 @@ import sys
 import types
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+# The Hub files (remote code, tokenizer_config.json, demo_model/, assets/): package data in an installed wheel,
+# the repository root in a checkout (an editable install included).
+_PACKAGE_DATA = Path(__file__).resolve().parent / "hub"
+ROOT = _PACKAGE_DATA if (_PACKAGE_DATA / "modeling_omnilmm.py").is_file() else Path(__file__).resolve().parent.parent
 PACKAGE = "omnilmm_remote"
 REMOTE_CODE_FILES = (
     "configuration_omnilmm.py",
@@ -25,8 +28,8 @@ def remote_module(name: str) -> types.ModuleType:
     """Return the remote-code module ``name`` (e.g. ``"modeling_omnilmm"``)."""
     if not (ROOT / f"{name}.py").is_file():
         raise FileNotFoundError(
-            f"The remote-code file {name}.py is not in {ROOT}; install this project with "
-            "`pip install -e .` from its checkout."
+            f"The remote-code file {name}.py is not in {ROOT}: a broken install; reinstall the omnilmm-hf package "
+            "(`pip install --force-reinstall omnilmm-hf`, or `pip install -e .` in its checkout)."
         )
     if PACKAGE not in sys.modules:
         package = types.ModuleType(PACKAGE)

@@ -7,7 +7,7 @@ the kind of the shape named by its colour ("binding"); the answer is always one 
 Everything is deterministic from a seed (`random.Random(seed)`), so a model can be evaluated on images it has never
 seen by giving a seed that training did not use.
 
-`write_dataset(...)` writes the MiniCPM-V fine-tuning format (SPEC §9) with PNG files next to it:
+`write_dataset(...)` writes the MiniCPM-V fine-tuning format with PNG files next to it:
 `[{"id", "image": path | {"<image_00>": path, ...}, "conversations": [{"role": "user", "content": "<image>\\n..."},
 {"role": "assistant", "content": "red"}, ...]}]`, with multi-turn and multi-image samples mixed in.
 
@@ -167,7 +167,7 @@ def eval_items(seed: int, n: int, size: int = IMAGE_SIZE) -> list[Item]:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The fine-tuning data set (SPEC §9)
+# The fine-tuning data set (MiniCPM-V's format)
 # --------------------------------------------------------------------------------------------------------------------
 
 

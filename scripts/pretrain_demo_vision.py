@@ -110,7 +110,7 @@ def main(argv=None):
             progress.set_postfix(loss=f"{loss.item():.3f}", **{task: f"{value:.0%}" for task, value in accuracy.items()})
             tqdm.write(f"step {step + 1}/{args.steps} loss {loss.item():.3f} "
                        + " ".join(f"{task} {value:.0%}" for task, value in accuracy.items()))
-    finetune.save_hub_folder(model, processor, Path(args.output), None, greedy=True)
+    finetune.save_hub_folder(model, processor, Path(args.output), decoding="greedy")
     summary = {"steps": args.steps, "batch_size": args.batch_size, "seconds": time.time() - start, "log": log}
     (Path(args.output) / "stage1_log.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"wrote {args.output} (vision tower and resampler pretrained; language model untouched)")

@@ -29,14 +29,17 @@ omnilmm-finetune \
   --no-tune-vision \
   --max-steps 400 --batch-size 16 --lr 1.5e-3 --warmup 30 --lr-scheduler cosine \
   --seed 0 --logging-steps 25 \
-  --save-dtype float16 --greedy-generation-config
+  --save-dtype float16 --generation-config greedy
 cp "$RUNS/demo-stage1/stage1_log.json" "$OUTPUT/"
 
-# 4. Keep the folder small: the training logs stay, checkpoints never get written (no --save-steps).
+# 4. Keep the folder small: the training logs stay, checkpoints never get written (no --save-steps). Its card.
 python - "$OUTPUT" <<'PY'
 import json, sys
 from pathlib import Path
+from transformers import AutoConfig
+from omnilmm_tools.model_card import demo_model_card
 out = Path(sys.argv[1])
+(out / "README.md").write_text(demo_model_card(AutoConfig.from_pretrained(out, trust_remote_code=True)))
 log = json.loads((out / "train_log.json").read_text())
 losses = [e["loss"] for e in log["log_history"] if "loss" in e]
 size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())

@@ -89,3 +89,22 @@ def run_converter(original, dst):
                              "--max-shard-size", "1MB"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     return dst
+
+
+def make_sentencepiece(folder, vocab_size):
+    """A SentencePiece BPE `tokenizer.model` of `vocab_size` pieces (byte fallback, Mistral-style control pieces),
+    trained on generated words; its path."""
+    import random
+
+    import sentencepiece
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 8))) for _ in range(3000)]
+    (folder / "text.txt").write_text("\n".join(" ".join(rng.choices(words, k=12)) for _ in range(4000)))
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(folder / "text.txt"), model_prefix=str(folder / "tokenizer"), vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, character_coverage=1.0, minloglevel=2,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+    )
+    return folder / "tokenizer.model"
