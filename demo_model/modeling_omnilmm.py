@@ -34,21 +34,14 @@ CACHE_ARG = "cache" if "cache" in inspect.signature(MistralModel.forward).parame
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
-class PassThroughBlock(nn.Identity):
-    """Stands in for the vision tower's last block, so that its output is the second-to-last layer's.
-    timm calls its blocks as `blk(x, rope=..., attn_mask=...)`: accept and ignore those."""
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return x
-
-
 def build_vision_tower(config: OmniLMMConfig) -> nn.Module:
-    """The timm EVA02 tower (weights from the checkpoint) without its last block."""
+    """The timm EVA02 tower (weights from the checkpoint) without its last block: its output is the second-to-last
+    layer's."""
     tower = timm.create_model(
         config.mm_vision_tower, pretrained=False, num_classes=0, dynamic_img_size=True, dynamic_img_pad=True,
         **config.vision_tower_kwargs,
     )
-    tower.blocks[-1] = PassThroughBlock()
+    del tower.blocks[-1]
     # accelerate's CPU/disk offload loads a module's weights only when the module is *called*: call the tower
     # itself (pooling off, it returns every token) and let EVA's attention call its `qkv` layer.
     tower.global_pool = ""
@@ -89,6 +82,10 @@ class OmniLMMPreTrainedModel(MistralPreTrainedModel):
     _no_split_modules = ["MistralDecoderLayer", "EvaBlockPostNorm", "EvaBlock", "Resampler"]
     _can_compile_fullgraph = True
     _supports_attention_backend = True
+
+    def get_vision_embedding(self, pixel_values) -> torch.Tensor:
+        """The original's name for `get_image_features(pixel_values).pooler_output`."""
+        return self.get_image_features(pixel_values).pooler_output
 
     def _init_weights(self, module):
         """Transformers' defaults, plus the tensors it does not know: resampler, EVA embeddings and `k_bias`
@@ -203,11 +200,7 @@ class OmniLMMModel(OmniLMMPreTrainedModel, MistralModel):
         if len(images) == 0:
             empty = self.resampler.query.new_zeros(0, self.config.num_query, self.config.hidden_size)
             return BaseModelOutputWithPooling(pooler_output=empty)
-        chunk = self.config.vision_batch_size
-        if isinstance(images, torch.Tensor):
-            features = torch.cat([self.encode_images(images[i : i + chunk]) for i in range(0, len(images), chunk)])
-            return BaseModelOutputWithPooling(pooler_output=features)
-        groups = defaultdict(list)
+        groups, chunk = defaultdict(list), self.config.vision_batch_size
         for index, image in enumerate(images):
             groups[tuple(image.shape)].append(index)
         features = [None] * len(images)
@@ -217,10 +210,6 @@ class OmniLMMModel(OmniLMMPreTrainedModel, MistralModel):
                 for i, feature in zip(batch, self.encode_images(torch.stack([images[i] for i in batch]))):
                     features[i] = feature
         return BaseModelOutputWithPooling(pooler_output=torch.stack(features))
-
-    def get_vision_embedding(self, pixel_values) -> torch.Tensor:
-        """The original's name for `get_image_features(pixel_values).pooler_output`."""
-        return self.get_image_features(pixel_values).pooler_output
 
     def get_placeholder_mask(self, input_ids, inputs_embeds, image_features) -> torch.Tensor:
         """`(B, L, 1)` mask of the `<im_patch>` positions (from the ids, or from the embedding of `<im_patch>` when
@@ -232,16 +221,15 @@ class OmniLMMModel(OmniLMMPreTrainedModel, MistralModel):
         else:
             mask = input_ids == config.im_patch_token_id
         if not torch.compiler.is_compiling():
-            num_spans = count_image_spans(input_ids, config) if input_ids is not None else None
-            num_spans = int(mask.sum()) // config.num_query if num_spans is None else num_spans
+            spans = int(mask.sum()) // config.num_query if input_ids is None else count_image_spans(input_ids, config)
             if image_features.ndim != 3 or tuple(image_features.shape[1:]) != (config.num_query, config.hidden_size):
                 raise ValueError(
                     f"image features must have the shape (num_images, {config.num_query}, {config.hidden_size}), "
                     f"got {tuple(image_features.shape)}"
                 )
-            if image_features.shape[0] != num_spans:
+            if image_features.shape[0] != spans:
                 raise ValueError(
-                    f"the input has {num_spans} image spans but {image_features.shape[0]} images were given "
+                    f"the input has {spans} image spans but {image_features.shape[0]} images were given "
                     f"(image features of shape {tuple(image_features.shape)})"
                 )
         return mask.unsqueeze(-1).to(inputs_embeds.device)
@@ -290,7 +278,7 @@ class OmniLMMModel(OmniLMMPreTrainedModel, MistralModel):
                 check_input_ids(input_ids, self.config.vocab_size)
             inputs_embeds = self.embed_tokens(input_ids)
         features = None
-        if images_given and not decoding:
+        if not decoding:
             features = self.image_features(input_ids, pixel_values, mm_encoder_outputs, vision_hidden_states)
         if features is not None:
             mask = self.get_placeholder_mask(input_ids, inputs_embeds, features)
@@ -320,10 +308,6 @@ class OmniLMMForCausalLM(OmniLMMPreTrainedModel, MistralForCausalLM):
     def get_image_features(self, pixel_values, **kwargs):
         return self.model.get_image_features(pixel_values, **kwargs)
 
-    def get_vision_embedding(self, pixel_values) -> torch.Tensor:
-        """Images → `(N, num_query, hidden_size)` features, see `OmniLMMModel.get_image_features`."""
-        return self.model.get_vision_embedding(pixel_values)
-
     @can_return_tuple
     def forward(
         self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, cache=None,
@@ -336,12 +320,8 @@ class OmniLMMForCausalLM(OmniLMMPreTrainedModel, MistralForCausalLM):
             cache=cache, past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
             mm_encoder_outputs=mm_encoder_outputs, vision_hidden_states=vision_hidden_states, **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int) and logits_to_keep:
-            hidden_states = hidden_states[:, -logits_to_keep:]
-        elif isinstance(logits_to_keep, torch.Tensor):
-            hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
+        kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(outputs.last_hidden_state[:, kept])
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
@@ -383,14 +363,9 @@ class OmniLMMForCausalLM(OmniLMMPreTrainedModel, MistralForCausalLM):
         )
         return input_ids, {**model_kwargs, **images}
 
-    # ------------------------------------------------------------------------------------------------------------
-    # chat(): MiniCPM-V's model-card API
-    # ------------------------------------------------------------------------------------------------------------
-
     def chat_processor(self, processor=None, tokenizer=None):
         """The given processor, else the one saved in the model's own folder (loaded once)."""
-        if processor is None:
-            processor = self.__dict__.get("_chat_processor")
+        processor = self.__dict__.get("_chat_processor") if processor is None else processor
         if processor is None:
             source = self.config._name_or_path or getattr(self, "name_or_path", "")
             if not source:
@@ -463,14 +438,12 @@ class OmniLMMForCausalLM(OmniLMMPreTrainedModel, MistralForCausalLM):
             return inputs, torch.cat([views for sample in known for _, views in sample])
         inputs = processor(text=prompts, images=images, return_tensors="pt", **slicing).to(device)
         features = self.get_vision_embedding(inputs["pixel_values"])
-        start = 0
-        for sample_keys, grids in zip(keys, inputs["slice_grids"]):
-            for key, grid in zip(sample_keys, grids):
-                count = 1 + (grid[0] * grid[1] if grid is not None else 0)
-                if key is not None:
-                    cache[key] = (grid, features[start : start + count])
-                    cache.move_to_end(key)
-                start += count
+        grids = [grid for sample in inputs["slice_grids"] for grid in sample]
+        views = features.split([1 + (grid[0] * grid[1] if grid is not None else 0) for grid in grids])
+        for key, grid, image_views in zip([key for sample in keys for key in sample], grids, views):
+            if key is not None:
+                cache[key] = (grid, image_views)
+                cache.move_to_end(key)
         while len(cache) > CHAT_CACHE_SIZE:
             cache.popitem(last=False)
         return inputs, features
@@ -543,20 +516,17 @@ def stream_answer(model, tokenizer, generate_kwargs):
 
 def content_parts(content) -> tuple[list[dict], list]:
     """A message's content → chat-template parts and its images, in order (a video becomes its frames)."""
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}], []
+    content = [content] if isinstance(content, str) else content
     if not isinstance(content, (list, tuple)):
         raise TypeError(f"message content must be a string or a list of images and strings, got {type(content)}")
     parts, images = [], []
     for item in content:
-        if isinstance(item, str):
-            parts.append({"type": "text", "text": item})
-            continue
         kind = item.get("type") if isinstance(item, dict) else None
-        if kind == "text":
-            if not isinstance(item.get("text"), str):
+        if isinstance(item, str) or kind == "text":
+            text = item if isinstance(item, str) else item.get("text")
+            if not isinstance(text, str):
                 raise TypeError(f"a text content part needs a string 'text', got {item!r}")
-            parts.append({"type": "text", "text": item["text"]})
+            parts.append({"type": "text", "text": text})
             continue
         if kind == "video" or (isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim == 4):
             frames = list(item.get("video", item.get("path")) if kind == "video" else item)
@@ -586,15 +556,14 @@ def chat_conversation(msgs, image=None, system_prompt=None) -> tuple[list[dict],
         if first_user is None:
             roles = [m["role"] for m in msgs]
             raise ValueError(f"`image` goes in front of the first user message, but msgs has no user message: {roles}")
-        content = msgs[first_user]["content"]
+        content, part = msgs[first_user]["content"], {"type": "image", "image": image}
         content = list(content) if isinstance(content, (list, tuple)) else [content]
         if sum(isinstance(c, str) and c.count("<image>") for c in content) == 1:  # written where it goes
             at = next(i for i, c in enumerate(content) if isinstance(c, str) and "<image>" in c)
             before, after = content[at].split("<image>")
-            content[at : at + 1] = [part for part in (before.rstrip("\n"), None, after.lstrip("\n")) if part != ""]
-            content[content.index(None)] = {"type": "image", "image": image}
+            content[at : at + 1] = [p for p in (before.rstrip("\n"), part, after.lstrip("\n")) if p != ""]
         else:
-            content = [{"type": "image", "image": image}] + content
+            content.insert(0, part)
         msgs[first_user] = {**msgs[first_user], "content": content}
     if system_prompt is not None and msgs[0]["role"] != "system":
         msgs.insert(0, {"role": "system", "content": system_prompt})
