@@ -91,13 +91,8 @@ def _check_pixels(width, height, max_image_pixels, what="image"):
             "(None disables the check).")
 
 
-def _channels_first(array, layout):
-    return array.ndim == 3 and array.shape[0] in (1, 3, 4) and (layout == "CHW" or array.shape[-1] not in (1, 3, 4))
-
-
-def _array_to_pil(array, layout):
-    """`array`: numpy, `layout` "HWC" or "CHW" (or 2-D HW); uint8, ints in [0, 255], bool or floats in [0, 1]."""
-    array = array.transpose(1, 2, 0) if _channels_first(array, layout) else array
+def _array_to_pil(array):
+    """`array`: numpy HWC or HW; uint8, ints in [0, 255], bool or floats in [0, 1]."""
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
@@ -181,9 +176,10 @@ def load_image(image, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS):
         raise TypeError(f"Expected an image: {ACCEPTED_TYPES}; got {kind}.")
     if array.ndim not in (2, 3):
         raise ValueError(f"Cannot read an image from an array of shape {tuple(array.shape)}: expected 2 or 3 dims.")
-    height, width = array.shape[1:] if _channels_first(array, layout) else array.shape[:2]
-    _check_pixels(width, height, max_image_pixels)
-    return _array_to_pil(array, layout).convert("RGB")
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and (layout == "CHW" or array.shape[-1] not in (1, 3, 4)):
+        array = array.transpose(1, 2, 0)  # channels first
+    _check_pixels(array.shape[1], array.shape[0], max_image_pixels)
+    return _array_to_pil(array).convert("RGB")
 
 
 def _batch_structure(images):
@@ -345,7 +341,6 @@ class OmniLMMImageProcessorFast(_OmniLMMImageProcessorMixin, TorchvisionBackend)
     setting_names = (*SETTING_NAMES, "device")
 
     def _process_one(self, image, s):
-        """RGB PIL image -> (list of (3, H, W) tensors: source then tiles row by row, grid or None)."""
         pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).to(s["device"])  # uint8 (3, h, w)
         resize = functools.partial(tvF.resize, pixels, interpolation=tvF.InterpolationMode.BICUBIC, antialias=True)
         (source_w, source_h), grid, tile_size = self._layout(image.size, s)

@@ -52,8 +52,7 @@ def build_vision_tower(config: OmniLMMConfig) -> nn.Module:
 
 
 def flatten_images(images) -> list[torch.Tensor] | torch.Tensor:
-    """`(N, 3, H, W)` tensor, or (nested) lists of `(3, H, W)` tensors → the tensor, or a flat list in reading
-    order. Raises `ValueError`/`TypeError` on anything else."""
+    """An `(N, 3, H, W)` tensor, or (nested) lists of `(3, H, W)` tensors → the tensor, or a flat list, in order."""
     if not isinstance(images, (list, tuple)):
         check_image_tensor(images, 4, "pixel_values must be a (num_images, 3, height, width) tensor")
         return images
@@ -76,8 +75,7 @@ def check_image_tensor(image, ndim: int, shape_message: str) -> None:
 
 
 class OmniLMMPreTrainedModel(MistralPreTrainedModel):
-    config_class = OmniLMMConfig
-    config: OmniLMMConfig
+    config: OmniLMMConfig  # (also its `config_class`)
     input_modalities = ["image", "text"]
     _no_split_modules = ["MistralDecoderLayer", "EvaBlockPostNorm", "EvaBlock", "Resampler"]
     _can_compile_fullgraph = True
@@ -125,8 +123,7 @@ def check_input_ids(input_ids, vocab_size: int) -> None:
 
 
 def count_image_spans(input_ids: torch.Tensor, config: OmniLMMConfig) -> int:
-    """The number of image spans in `input_ids`; any span that is not `<im_start>`, exactly `num_query` x
-    `<im_patch>`, `<im_end>` is a `ValueError` naming the counts."""
+    """The number of image spans in `input_ids`; each must be `<im_start>`, `num_query` x `<im_patch>`, `<im_end>`."""
     starts = input_ids == config.im_start_token_id
     num_starts, num_ends = int(starts.sum()), int((input_ids == config.im_end_token_id).sum())
     num_patches = int((input_ids == config.im_patch_token_id).sum())
@@ -152,9 +149,8 @@ def count_image_spans(input_ids: torch.Tensor, config: OmniLMMConfig) -> int:
 
 def check_images_per_sample(input_ids, pixel_values, config) -> None:
     """Given a list per sample, each sample's images must match that sample's spans (not just the total)."""
-    if not isinstance(pixel_values, (list, tuple)) or not pixel_values or input_ids is None:
-        return
-    if not all(isinstance(sample, (list, tuple)) for sample in pixel_values):
+    per_sample = isinstance(pixel_values, (list, tuple)) and all(isinstance(x, (list, tuple)) for x in pixel_values)
+    if input_ids is None or not per_sample or not pixel_values:
         return
     spans = (input_ids == config.im_start_token_id).sum(dim=1).tolist()
     images = [len(flatten_images(sample)) for sample in pixel_values]
@@ -193,9 +189,8 @@ class OmniLMMModel(OmniLMMPreTrainedModel, MistralModel):
 
     @can_return_tuple
     def get_image_features(self, pixel_values, **kwargs) -> BaseModelOutputWithPooling:
-        """Images (a `(N, 3, H, W)` tensor or lists per sample of `(3, H, W)` tensors) → `pooler_output`:
-        `(N, num_query, hidden_size)` features in reading order. Images are grouped by size and encoded
-        `config.vision_batch_size` at a time: one vision forward per group and chunk, not one per image."""
+        """Images (a `(N, 3, H, W)` tensor or lists per sample of `(3, H, W)` tensors) → `pooler_output`: `(N,
+        num_query, hidden_size)` features in reading order, `config.vision_batch_size` images of a size at a time."""
         images = flatten_images(pixel_values)
         if len(images) == 0:
             empty = self.resampler.query.new_zeros(0, self.config.num_query, self.config.hidden_size)
@@ -346,9 +341,8 @@ class OmniLMMForCausalLM(OmniLMMPreTrainedModel, MistralForCausalLM):
         )
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
-        """Beam search / several sequences per prompt repeat each *sample* with all its images. transformers >= 5.24
-        does this for `pixel_values` (encoded once into `mm_encoder_outputs`); this covers `vision_hidden_states` and
-        older versions, whose per-row `repeat_interleave` cannot (a sample may hold any number of images)."""
+        """Beam search / several sequences per prompt repeat each *sample* with all its images (transformers >= 5.24
+        does it for `pixel_values`, not for `vision_hidden_states`; older versions repeat rows, not samples)."""
         names = ("pixel_values", "vision_hidden_states")
         images = {k: model_kwargs.pop(k) for k in names if model_kwargs.get(k) is not None}
         if expand_size > 1 and images:
@@ -402,9 +396,8 @@ class OmniLMMForCausalLM(OmniLMMPreTrainedModel, MistralForCausalLM):
 
     @torch.no_grad()
     def vision_state(self) -> int:
-        """A key for everything image features depend on besides the pixels: each vision module (identity, mode,
-        hooks, flags such as PEFT's active adapters) and tensor (identity, storage, in-place version, dtype, and a
-        sample of its values, which catches writes through `.data` that bump no version)."""
+        """A key for everything image features depend on besides the pixels: each vision module (identity, flags,
+        hooks) and tensor (identity, storage, version, dtype, a sample of its values: writes through `.data`)."""
         state, samples = [], []
         for module in (*self.model.vision_tower.modules(), *self.model.resampler.modules()):
             flags = tuple((k, v) for k, v in vars(module).items() if isinstance(v, (bool, int, float, str)))
@@ -416,11 +409,9 @@ class OmniLMMForCausalLM(OmniLMMPreTrainedModel, MistralForCausalLM):
         return hash((tuple(state), tuple(torch.stack(samples).tolist()) if samples else ()))
 
     def chat_inputs(self, processor, prompts, sample_images, max_slice_nums, features=None):
-        """Token ids and image features for `chat()`'s rendered `prompts`.
-
-        An image seen in an earlier turn (same pixels or same unchanged file, same processor settings) is neither
-        preprocessed nor encoded again, as long as the vision weights are unchanged: its `<image>` expands from its
-        remembered slice grid, its features come from the cache. Given `features` are used as they are."""
+        """Token ids and image features for `chat()`'s rendered `prompts`. An image seen in an earlier turn (same
+        pixels or unchanged file, same processor settings, unchanged vision weights) is neither preprocessed nor
+        encoded again: its `<image>` expands from its cached slice grid, its features come from the cache."""
         device = self.get_input_embeddings().weight.device
         device = torch.device("cpu") if device.type == "meta" else device
         images = sample_images if any(sample_images) else None
@@ -471,11 +462,9 @@ class OmniLMMForCausalLM(OmniLMMPreTrainedModel, MistralForCausalLM):
         if stream and batched:
             raise ValueError("stream=True answers one conversation at a time; give a single msgs list")
         processor = self.chat_processor(processor, tokenizer)
-        prompts, sample_images = [], []
-        for conversation, first_image in zip(conversations, images):
-            template, conversation_images = chat_conversation(conversation, first_image, system_prompt)
-            prompts.append(processor.apply_chat_template(template, add_generation_prompt=True, tokenize=False))
-            sample_images.append(conversation_images)
+        rendered = [chat_conversation(c, i, system_prompt) for c, i in zip(conversations, images)]
+        prompts = processor.apply_chat_template([t for t, _ in rendered], add_generation_prompt=True, tokenize=False)
+        sample_images = [conversation_images for _, conversation_images in rendered]
         if max(len(i) for i in sample_images) > MAX_FRAMES_WITH_SLICES:
             max_slice_nums = 1
         inputs, features = self.chat_inputs(processor, prompts, sample_images, max_slice_nums, vision_hidden_states)
@@ -507,9 +496,7 @@ def stream_answer(model, tokenizer, generate_kwargs):
             streamer.end()
 
     threading.Thread(target=run, daemon=True).start()
-    for piece in streamer:
-        if piece:
-            yield piece
+    yield from filter(None, streamer)  # (no empty pieces)
     if errors:
         raise errors[0]
 
@@ -576,9 +563,8 @@ def chat_conversation(msgs, image=None, system_prompt=None) -> tuple[list[dict],
 
 
 def image_key(image, max_pixels, settings) -> tuple | None:
-    """A cache key for an image given to `chat()`: a PIL image's pixels, or an image file's path, size and mtime,
-    with the settings it is processed with. `None` (processed every time) for anything else, and for images the
-    processor would refuse or cannot read."""
+    """A cache key for an image given to `chat()` (a PIL image's pixels, or a file's path, size and mtime, with the
+    settings); `None` (processed every time) for anything else and for images the processor would refuse."""
     try:
         if isinstance(image, Image.Image) and image.width * image.height <= max_pixels:
             exif = image.getexif().get(0x0112)  # the orientation tag
