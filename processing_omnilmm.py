@@ -202,14 +202,13 @@ class OmniLMMProcessor(ProcessorMixin):
         if len(slice_grids) != len(texts) or any(len(g) != len(k) for g, k in zip(slice_grids, kinds)):
             raise ValueError(f"`slice_grids` must hold per prompt one entry per <image>/<video> placeholder: the "
                              f"prompts have {[len(k) for k in kinds]}, `slice_grids` {[len(g) for g in slice_grids]}.")
-        pairs = [list(zip(*sample)) for sample in zip(kinds, slice_grids)]  # per prompt, (placeholder, grid(s))
-        image_inputs, video_inputs = ({"slice_grids": [g for sample in pairs for k, g in sample if k == kind]}
+        pairs = [pair for sample in zip(kinds, slice_grids) for pair in zip(*sample)]  # (placeholder, grid(s))
+        image_inputs, video_inputs = ({"slice_grids": [g for k, g in pairs if k == kind]}
                                       for kind in (self.image_token, self.video_token))
         expanded, offsets = self.get_text_with_replacements(
             texts, [self.replace_image_token(image_inputs, i) for i in range(len(image_inputs["slice_grids"]))],
             [self.replace_video_token(video_inputs, i) for i in range(len(video_inputs["slice_grids"]))])
-        spans = [sum(1 + (g[0] * g[1] if g else 0) for k, x in sample for g in ([x] if k == self.image_token else x))
-                 for sample in pairs]
+        spans = [sum(r["replacement"].count(SPAN_TOKENS[1]) for r in row) for row in offsets]  # views per prompt
         text_kwargs = merged["text_kwargs"]
         return_mm, return_offsets = (text_kwargs.pop(key, merged.get(key, False)) for key in MM_FLAGS)
         data = self._tokenize(expanded, spans, text_kwargs)
