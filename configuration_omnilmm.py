@@ -24,8 +24,7 @@ class OmniLMMConfig(MistralConfig):
         num_query (`int`): query tokens the resampler makes per image (= `<im_patch>` tokens per image span).
         image_size (`int`): side of the square image in the square (non-sliced) layout.
         mm_use_im_start_end (`bool`): image spans are framed by `<im_start>`/`<im_end>`; must be true.
-        im_patch_token_id, im_start_token_id, im_end_token_id (`int`): the image-span token ids
-            (the original kept them outside the config).
+        im_patch_token_id, im_start_token_id, im_end_token_id (`int`): the image-span token ids.
         vision_batch_size (`int`): at most this many images go through the vision tower in one forward.
     """
 

@@ -30,8 +30,6 @@ DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
 # Slice mode refuses thinner images: up to this ratio a view has at most about (scale_resolution / patch_size)**2
 # patches; beyond, the short side stays one patch and the long side grows (1 x 100,000,000: a 320,000-patch view).
 MAX_ASPECT_RATIO = 1000
-ACCEPTED_TYPES = ("a PIL.Image.Image, a numpy array (HWC or HW), a torch tensor (CHW or HW) or a file path "
-                  "(str or os.PathLike)")
 NORM_NAMES = ("do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")
 SLICE_NAMES = ("max_slice_nums", "scale_resolution", "patch_size", "never_split")
 SETTING_NAMES = ("image_size", "slice_mode", *SLICE_NAMES, "max_image_pixels", *NORM_NAMES)
@@ -91,13 +89,8 @@ def _check_pixels(width, height, max_image_pixels, what="image"):
             "(None disables the check).")
 
 
-def _channels_first(array, layout):
-    return array.ndim == 3 and array.shape[0] in (1, 3, 4) and (layout == "CHW" or array.shape[-1] not in (1, 3, 4))
-
-
-def _array_to_pil(array, layout):
-    """`array`: numpy, `layout` "HWC" or "CHW" (or 2-D HW); uint8, ints in [0, 255], bool or floats in [0, 1]."""
-    array = array.transpose(1, 2, 0) if _channels_first(array, layout) else array
+def _array_to_pil(array):
+    """`array`: numpy HWC or HW; uint8, ints in [0, 255], bool or floats in [0, 1]."""
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
@@ -159,8 +152,8 @@ def _load_file(path, max_image_pixels):
 
 
 def load_image(image, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS):
-    """One image-like input (see `ACCEPTED_TYPES`) -> a decoded, upright RGB `PIL.Image`. A file's declared size is
-    checked against `max_image_pixels` before decoding. TypeError for non-images, ValueError for bad or huge ones."""
+    """A PIL image, numpy array (HWC or HW), torch tensor (CHW or HW) or file path -> a decoded, upright RGB PIL image.
+    A file's declared size is checked against `max_image_pixels` before decoding."""
     if isinstance(image, (str, os.PathLike)):
         return _load_file(os.fspath(image), max_image_pixels)
     if isinstance(image, Image.Image):
@@ -178,12 +171,14 @@ def load_image(image, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS):
         array, layout = (tensor.float() if tensor.is_floating_point() else tensor).numpy(), "CHW"
     else:
         kind = f"{type(image).__module__}.{type(image).__qualname__}"
-        raise TypeError(f"Expected an image: {ACCEPTED_TYPES}; got {kind}.")
+        raise TypeError(f"Expected an image: a PIL.Image.Image, a numpy array (HWC or HW), a torch tensor (CHW or HW) "
+                        f"or a file path (str or os.PathLike); got {kind}.")
     if array.ndim not in (2, 3):
         raise ValueError(f"Cannot read an image from an array of shape {tuple(array.shape)}: expected 2 or 3 dims.")
-    height, width = array.shape[1:] if _channels_first(array, layout) else array.shape[:2]
-    _check_pixels(width, height, max_image_pixels)
-    return _array_to_pil(array, layout).convert("RGB")
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and (layout == "CHW" or array.shape[-1] not in (1, 3, 4)):
+        array = array.transpose(1, 2, 0)  # channels first
+    _check_pixels(array.shape[1], array.shape[0], max_image_pixels)
+    return _array_to_pil(array).convert("RGB")
 
 
 def _batch_structure(images):
@@ -294,12 +289,10 @@ class _OmniLMMImageProcessorMixin:
                              "mode).")
         return layout
 
-    def preprocess(self, images, slice_mode=None, max_slice_nums=None, never_split=None, return_tensors=None,
-                   **kwargs: Any) -> BatchFeature:
+    def preprocess(self, images, return_tensors=None, **kwargs: Any) -> BatchFeature:
         """One image, a flat list (one image per sample) or a list of lists (per sample); settings as keywords (None =
         the processor's own). The lists stay lists; `return_tensors`: None or "pt" (torch tensors) or "np" (numpy)."""
-        overrides = {key: kwargs.pop(key) for key in self.setting_names if key in kwargs}
-        s = self._settings(slice_mode=slice_mode, max_slice_nums=max_slice_nums, never_split=never_split, **overrides)
+        s = self._settings(**{key: kwargs.pop(key) for key in self.setting_names if key in kwargs})
         if return_tensors not in (None, "pt", "np"):
             raise ValueError(f"return_tensors must be None, 'pt' or 'np', got {return_tensors!r}.")
         unused = sorted(key for key, value in kwargs.items() if value is not None)
@@ -345,7 +338,6 @@ class OmniLMMImageProcessorFast(_OmniLMMImageProcessorMixin, TorchvisionBackend)
     setting_names = (*SETTING_NAMES, "device")
 
     def _process_one(self, image, s):
-        """RGB PIL image -> (list of (3, H, W) tensors: source then tiles row by row, grid or None)."""
         pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).to(s["device"])  # uint8 (3, h, w)
         resize = functools.partial(tvF.resize, pixels, interpolation=tvF.InterpolationMode.BICUBIC, antialias=True)
         (source_w, source_h), grid, tile_size = self._layout(image.size, s)

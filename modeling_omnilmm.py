@@ -34,21 +34,14 @@ CACHE_ARG = "cache" if "cache" in inspect.signature(MistralModel.forward).parame
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
-class PassThroughBlock(nn.Identity):
-    """Stands in for the vision tower's last block, so that its output is the second-to-last layer's.
-    timm calls its blocks as `blk(x, rope=..., attn_mask=...)`: accept and ignore those."""
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return x
-
-
 def build_vision_tower(config: OmniLMMConfig) -> nn.Module:
-    """The timm EVA02 tower (weights from the checkpoint) without its last block."""
+    """The timm EVA02 tower (weights from the checkpoint) without its last block: its output is the second-to-last
+    layer's."""
     tower = timm.create_model(
         config.mm_vision_tower, pretrained=False, num_classes=0, dynamic_img_size=True, dynamic_img_pad=True,
         **config.vision_tower_kwargs,
     )
-    tower.blocks[-1] = PassThroughBlock()
+    del tower.blocks[-1]
     # accelerate's CPU/disk offload loads a module's weights only when the module is *called*: call the tower
     # itself (pooling off, it returns every token) and let EVA's attention call its `qkv` layer.
     tower.global_pool = ""
@@ -59,8 +52,7 @@ def build_vision_tower(config: OmniLMMConfig) -> nn.Module:
 
 
 def flatten_images(images) -> list[torch.Tensor] | torch.Tensor:
-    """`(N, 3, H, W)` tensor, or (nested) lists of `(3, H, W)` tensors → the tensor, or a flat list in reading
-    order. Raises `ValueError`/`TypeError` on anything else."""
+    """An `(N, 3, H, W)` tensor, or (nested) lists of `(3, H, W)` tensors → the tensor, or a flat list, in order."""
     if not isinstance(images, (list, tuple)):
         check_image_tensor(images, 4, "pixel_values must be a (num_images, 3, height, width) tensor")
         return images
@@ -83,12 +75,15 @@ def check_image_tensor(image, ndim: int, shape_message: str) -> None:
 
 
 class OmniLMMPreTrainedModel(MistralPreTrainedModel):
-    config_class = OmniLMMConfig
-    config: OmniLMMConfig
+    config: OmniLMMConfig  # (also its `config_class`)
     input_modalities = ["image", "text"]
     _no_split_modules = ["MistralDecoderLayer", "EvaBlockPostNorm", "EvaBlock", "Resampler"]
     _can_compile_fullgraph = True
     _supports_attention_backend = True
+
+    def get_vision_embedding(self, pixel_values) -> torch.Tensor:
+        """The original's name for `get_image_features(pixel_values).pooler_output`."""
+        return self.get_image_features(pixel_values).pooler_output
 
     def _init_weights(self, module):
         """Transformers' defaults, plus the tensors it does not know: resampler, EVA embeddings and `k_bias`
@@ -128,8 +123,7 @@ def check_input_ids(input_ids, vocab_size: int) -> None:
 
 
 def count_image_spans(input_ids: torch.Tensor, config: OmniLMMConfig) -> int:
-    """The number of image spans in `input_ids`; any span that is not `<im_start>`, exactly `num_query` x
-    `<im_patch>`, `<im_end>` is a `ValueError` naming the counts."""
+    """The number of image spans in `input_ids`; each must be `<im_start>`, `num_query` x `<im_patch>`, `<im_end>`."""
     starts = input_ids == config.im_start_token_id
     num_starts, num_ends = int(starts.sum()), int((input_ids == config.im_end_token_id).sum())
     num_patches = int((input_ids == config.im_patch_token_id).sum())
@@ -155,9 +149,8 @@ def count_image_spans(input_ids: torch.Tensor, config: OmniLMMConfig) -> int:
 
 def check_images_per_sample(input_ids, pixel_values, config) -> None:
     """Given a list per sample, each sample's images must match that sample's spans (not just the total)."""
-    if not isinstance(pixel_values, (list, tuple)) or not pixel_values or input_ids is None:
-        return
-    if not all(isinstance(sample, (list, tuple)) for sample in pixel_values):
+    per_sample = isinstance(pixel_values, (list, tuple)) and all(isinstance(x, (list, tuple)) for x in pixel_values)
+    if input_ids is None or not per_sample or not pixel_values:
         return
     spans = (input_ids == config.im_start_token_id).sum(dim=1).tolist()
     images = [len(flatten_images(sample)) for sample in pixel_values]
@@ -196,18 +189,13 @@ class OmniLMMModel(OmniLMMPreTrainedModel, MistralModel):
 
     @can_return_tuple
     def get_image_features(self, pixel_values, **kwargs) -> BaseModelOutputWithPooling:
-        """Images (a `(N, 3, H, W)` tensor or lists per sample of `(3, H, W)` tensors) → `pooler_output`:
-        `(N, num_query, hidden_size)` features in reading order. Images are grouped by size and encoded
-        `config.vision_batch_size` at a time: one vision forward per group and chunk, not one per image."""
+        """Images (a `(N, 3, H, W)` tensor or lists per sample of `(3, H, W)` tensors) → `pooler_output`: `(N,
+        num_query, hidden_size)` features in reading order, `config.vision_batch_size` images of a size at a time."""
         images = flatten_images(pixel_values)
         if len(images) == 0:
             empty = self.resampler.query.new_zeros(0, self.config.num_query, self.config.hidden_size)
             return BaseModelOutputWithPooling(pooler_output=empty)
-        chunk = self.config.vision_batch_size
-        if isinstance(images, torch.Tensor):
-            features = torch.cat([self.encode_images(images[i : i + chunk]) for i in range(0, len(images), chunk)])
-            return BaseModelOutputWithPooling(pooler_output=features)
-        groups = defaultdict(list)
+        groups, chunk = defaultdict(list), self.config.vision_batch_size
         for index, image in enumerate(images):
             groups[tuple(image.shape)].append(index)
         features = [None] * len(images)
@@ -217,10 +205,6 @@ class OmniLMMModel(OmniLMMPreTrainedModel, MistralModel):
                 for i, feature in zip(batch, self.encode_images(torch.stack([images[i] for i in batch]))):
                     features[i] = feature
         return BaseModelOutputWithPooling(pooler_output=torch.stack(features))
-
-    def get_vision_embedding(self, pixel_values) -> torch.Tensor:
-        """The original's name for `get_image_features(pixel_values).pooler_output`."""
-        return self.get_image_features(pixel_values).pooler_output
 
     def get_placeholder_mask(self, input_ids, inputs_embeds, image_features) -> torch.Tensor:
         """`(B, L, 1)` mask of the `<im_patch>` positions (from the ids, or from the embedding of `<im_patch>` when
@@ -232,16 +216,15 @@ class OmniLMMModel(OmniLMMPreTrainedModel, MistralModel):
         else:
             mask = input_ids == config.im_patch_token_id
         if not torch.compiler.is_compiling():
-            num_spans = count_image_spans(input_ids, config) if input_ids is not None else None
-            num_spans = int(mask.sum()) // config.num_query if num_spans is None else num_spans
+            spans = int(mask.sum()) // config.num_query if input_ids is None else count_image_spans(input_ids, config)
             if image_features.ndim != 3 or tuple(image_features.shape[1:]) != (config.num_query, config.hidden_size):
                 raise ValueError(
                     f"image features must have the shape (num_images, {config.num_query}, {config.hidden_size}), "
                     f"got {tuple(image_features.shape)}"
                 )
-            if image_features.shape[0] != num_spans:
+            if image_features.shape[0] != spans:
                 raise ValueError(
-                    f"the input has {num_spans} image spans but {image_features.shape[0]} images were given "
+                    f"the input has {spans} image spans but {image_features.shape[0]} images were given "
                     f"(image features of shape {tuple(image_features.shape)})"
                 )
         return mask.unsqueeze(-1).to(inputs_embeds.device)
@@ -290,7 +273,7 @@ class OmniLMMModel(OmniLMMPreTrainedModel, MistralModel):
                 check_input_ids(input_ids, self.config.vocab_size)
             inputs_embeds = self.embed_tokens(input_ids)
         features = None
-        if images_given and not decoding:
+        if not decoding:
             features = self.image_features(input_ids, pixel_values, mm_encoder_outputs, vision_hidden_states)
         if features is not None:
             mask = self.get_placeholder_mask(input_ids, inputs_embeds, features)
@@ -320,10 +303,6 @@ class OmniLMMForCausalLM(OmniLMMPreTrainedModel, MistralForCausalLM):
     def get_image_features(self, pixel_values, **kwargs):
         return self.model.get_image_features(pixel_values, **kwargs)
 
-    def get_vision_embedding(self, pixel_values) -> torch.Tensor:
-        """Images → `(N, num_query, hidden_size)` features, see `OmniLMMModel.get_image_features`."""
-        return self.model.get_vision_embedding(pixel_values)
-
     @can_return_tuple
     def forward(
         self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, cache=None,
@@ -336,12 +315,8 @@ class OmniLMMForCausalLM(OmniLMMPreTrainedModel, MistralForCausalLM):
             cache=cache, past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
             mm_encoder_outputs=mm_encoder_outputs, vision_hidden_states=vision_hidden_states, **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int) and logits_to_keep:
-            hidden_states = hidden_states[:, -logits_to_keep:]
-        elif isinstance(logits_to_keep, torch.Tensor):
-            hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
+        kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(outputs.last_hidden_state[:, kept])
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
@@ -366,9 +341,8 @@ class OmniLMMForCausalLM(OmniLMMPreTrainedModel, MistralForCausalLM):
         )
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
-        """Beam search / several sequences per prompt repeat each *sample* with all its images. transformers >= 5.24
-        does this for `pixel_values` (encoded once into `mm_encoder_outputs`); this covers `vision_hidden_states` and
-        older versions, whose per-row `repeat_interleave` cannot (a sample may hold any number of images)."""
+        """Beam search / several sequences per prompt repeat each *sample* with all its images (transformers >= 5.24
+        does it for `pixel_values`, not for `vision_hidden_states`; older versions repeat rows, not samples)."""
         names = ("pixel_values", "vision_hidden_states")
         images = {k: model_kwargs.pop(k) for k in names if model_kwargs.get(k) is not None}
         if expand_size > 1 and images:
@@ -383,14 +357,9 @@ class OmniLMMForCausalLM(OmniLMMPreTrainedModel, MistralForCausalLM):
         )
         return input_ids, {**model_kwargs, **images}
 
-    # ------------------------------------------------------------------------------------------------------------
-    # chat(): MiniCPM-V's model-card API
-    # ------------------------------------------------------------------------------------------------------------
-
     def chat_processor(self, processor=None, tokenizer=None):
         """The given processor, else the one saved in the model's own folder (loaded once)."""
-        if processor is None:
-            processor = self.__dict__.get("_chat_processor")
+        processor = self.__dict__.get("_chat_processor") if processor is None else processor
         if processor is None:
             source = self.config._name_or_path or getattr(self, "name_or_path", "")
             if not source:
@@ -427,9 +396,8 @@ class OmniLMMForCausalLM(OmniLMMPreTrainedModel, MistralForCausalLM):
 
     @torch.no_grad()
     def vision_state(self) -> int:
-        """A key for everything image features depend on besides the pixels: each vision module (identity, mode,
-        hooks, flags such as PEFT's active adapters) and tensor (identity, storage, in-place version, dtype, and a
-        sample of its values, which catches writes through `.data` that bump no version)."""
+        """A key for everything image features depend on besides the pixels: each vision module (identity, flags,
+        hooks) and tensor (identity, storage, version, dtype, a sample of its values: writes through `.data`)."""
         state, samples = [], []
         for module in (*self.model.vision_tower.modules(), *self.model.resampler.modules()):
             flags = tuple((k, v) for k, v in vars(module).items() if isinstance(v, (bool, int, float, str)))
@@ -441,11 +409,9 @@ class OmniLMMForCausalLM(OmniLMMPreTrainedModel, MistralForCausalLM):
         return hash((tuple(state), tuple(torch.stack(samples).tolist()) if samples else ()))
 
     def chat_inputs(self, processor, prompts, sample_images, max_slice_nums, features=None):
-        """Token ids and image features for `chat()`'s rendered `prompts`.
-
-        An image seen in an earlier turn (same pixels or same unchanged file, same processor settings) is neither
-        preprocessed nor encoded again, as long as the vision weights are unchanged: its `<image>` expands from its
-        remembered slice grid, its features come from the cache. Given `features` are used as they are."""
+        """Token ids and image features for `chat()`'s rendered `prompts`. An image seen in an earlier turn (same
+        pixels or unchanged file, same processor settings, unchanged vision weights) is neither preprocessed nor
+        encoded again: its `<image>` expands from its cached slice grid, its features come from the cache."""
         device = self.get_input_embeddings().weight.device
         device = torch.device("cpu") if device.type == "meta" else device
         images = sample_images if any(sample_images) else None
@@ -463,14 +429,12 @@ class OmniLMMForCausalLM(OmniLMMPreTrainedModel, MistralForCausalLM):
             return inputs, torch.cat([views for sample in known for _, views in sample])
         inputs = processor(text=prompts, images=images, return_tensors="pt", **slicing).to(device)
         features = self.get_vision_embedding(inputs["pixel_values"])
-        start = 0
-        for sample_keys, grids in zip(keys, inputs["slice_grids"]):
-            for key, grid in zip(sample_keys, grids):
-                count = 1 + (grid[0] * grid[1] if grid is not None else 0)
-                if key is not None:
-                    cache[key] = (grid, features[start : start + count])
-                    cache.move_to_end(key)
-                start += count
+        grids = [grid for sample in inputs["slice_grids"] for grid in sample]
+        views = features.split([1 + (grid[0] * grid[1] if grid is not None else 0) for grid in grids])
+        for key, grid, image_views in zip([key for sample in keys for key in sample], grids, views):
+            if key is not None:
+                cache[key] = (grid, image_views)
+                cache.move_to_end(key)
         while len(cache) > CHAT_CACHE_SIZE:
             cache.popitem(last=False)
         return inputs, features
@@ -498,11 +462,9 @@ class OmniLMMForCausalLM(OmniLMMPreTrainedModel, MistralForCausalLM):
         if stream and batched:
             raise ValueError("stream=True answers one conversation at a time; give a single msgs list")
         processor = self.chat_processor(processor, tokenizer)
-        prompts, sample_images = [], []
-        for conversation, first_image in zip(conversations, images):
-            template, conversation_images = chat_conversation(conversation, first_image, system_prompt)
-            prompts.append(processor.apply_chat_template(template, add_generation_prompt=True, tokenize=False))
-            sample_images.append(conversation_images)
+        rendered = [chat_conversation(c, i, system_prompt) for c, i in zip(conversations, images)]
+        prompts = processor.apply_chat_template([t for t, _ in rendered], add_generation_prompt=True, tokenize=False)
+        sample_images = [conversation_images for _, conversation_images in rendered]
         if max(len(i) for i in sample_images) > MAX_FRAMES_WITH_SLICES:
             max_slice_nums = 1
         inputs, features = self.chat_inputs(processor, prompts, sample_images, max_slice_nums, vision_hidden_states)
@@ -534,29 +496,24 @@ def stream_answer(model, tokenizer, generate_kwargs):
             streamer.end()
 
     threading.Thread(target=run, daemon=True).start()
-    for piece in streamer:
-        if piece:
-            yield piece
+    yield from filter(None, streamer)  # (no empty pieces)
     if errors:
         raise errors[0]
 
 
 def content_parts(content) -> tuple[list[dict], list]:
     """A message's content → chat-template parts and its images, in order (a video becomes its frames)."""
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}], []
+    content = [content] if isinstance(content, str) else content
     if not isinstance(content, (list, tuple)):
         raise TypeError(f"message content must be a string or a list of images and strings, got {type(content)}")
     parts, images = [], []
     for item in content:
-        if isinstance(item, str):
-            parts.append({"type": "text", "text": item})
-            continue
         kind = item.get("type") if isinstance(item, dict) else None
-        if kind == "text":
-            if not isinstance(item.get("text"), str):
+        if isinstance(item, str) or kind == "text":
+            text = item if isinstance(item, str) else item.get("text")
+            if not isinstance(text, str):
                 raise TypeError(f"a text content part needs a string 'text', got {item!r}")
-            parts.append({"type": "text", "text": item["text"]})
+            parts.append({"type": "text", "text": text})
             continue
         if kind == "video" or (isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim == 4):
             frames = list(item.get("video", item.get("path")) if kind == "video" else item)
@@ -586,15 +543,14 @@ def chat_conversation(msgs, image=None, system_prompt=None) -> tuple[list[dict],
         if first_user is None:
             roles = [m["role"] for m in msgs]
             raise ValueError(f"`image` goes in front of the first user message, but msgs has no user message: {roles}")
-        content = msgs[first_user]["content"]
+        content, part = msgs[first_user]["content"], {"type": "image", "image": image}
         content = list(content) if isinstance(content, (list, tuple)) else [content]
         if sum(isinstance(c, str) and c.count("<image>") for c in content) == 1:  # written where it goes
             at = next(i for i, c in enumerate(content) if isinstance(c, str) and "<image>" in c)
             before, after = content[at].split("<image>")
-            content[at : at + 1] = [part for part in (before.rstrip("\n"), None, after.lstrip("\n")) if part != ""]
-            content[content.index(None)] = {"type": "image", "image": image}
+            content[at : at + 1] = [p for p in (before.rstrip("\n"), part, after.lstrip("\n")) if p != ""]
         else:
-            content = [{"type": "image", "image": image}] + content
+            content.insert(0, part)
         msgs[first_user] = {**msgs[first_user], "content": content}
     if system_prompt is not None and msgs[0]["role"] != "system":
         msgs.insert(0, {"role": "system", "content": system_prompt})
@@ -607,9 +563,8 @@ def chat_conversation(msgs, image=None, system_prompt=None) -> tuple[list[dict],
 
 
 def image_key(image, max_pixels, settings) -> tuple | None:
-    """A cache key for an image given to `chat()`: a PIL image's pixels, or an image file's path, size and mtime,
-    with the settings it is processed with. `None` (processed every time) for anything else, and for images the
-    processor would refuse or cannot read."""
+    """A cache key for an image given to `chat()` (a PIL image's pixels, or a file's path, size and mtime, with the
+    settings); `None` (processed every time) for anything else and for images the processor would refuse."""
     try:
         if isinstance(image, Image.Image) and image.width * image.height <= max_pixels:
             exif = image.getexif().get(0x0112)  # the orientation tag

@@ -60,9 +60,10 @@ def _fetch(image):  # http(s) URLs are fetched here; the image processor reads f
     return image_utils.load_image(image) if isinstance(image, str) and image.startswith(("http:", "https:")) else image
 
 
-def _distribute(items, nested, counts, what, placeholder):
-    """`items` (flat in placeholder order, or nested per prompt) as one list per prompt, checked against `counts`."""
+def _distribute(items, counts, what, placeholder):
+    """`items` (None, flat in placeholder order, or per prompt) as one list per prompt, checked against `counts`."""
     rule = f"the number of {placeholder} placeholders must equal the number of {what}."
+    items, nested = ([], False) if items is None else _per_prompt(items, what == "videos")
     if nested and len(items) != len(counts):
         raise ValueError(f"`{what}` has {len(items)} lists (one per prompt) but there are {len(counts)} prompts.")
     for i, (sample, count) in enumerate(zip(items, counts) if nested else ()):
@@ -71,13 +72,13 @@ def _distribute(items, nested, counts, what, placeholder):
                              f"given for it; {rule}")
     if not nested and len(items) != sum(counts):
         raise ValueError(f"The prompts have {sum(counts)} {placeholder} placeholder(s) ({', '.join(map(str, counts))} "
-                         f"per prompt) but {len(items)} {what} were given; {rule}")
+                         f"per prompt) but {len(items) or 'no'} {what} were given; {rule}")
     starts = np.cumsum([0, *counts])
     return items if nested else [list(items[a:b]) for a, b in zip(starts[:-1], starts[1:])]
 
 
 def _source_span(span, replacements):
-    """A `(start, end)` in the expanded text → in the text before expansion (in an image's spans: its placeholder)."""
+    """A `(start, end)` of the expanded text in the text before expansion (in an image's spans: its placeholder)."""
     start, end = span
     for (a, b), (new_a, new_b) in ((r["span"], r["new_span"]) for r in reversed(replacements)):
         if start >= new_b:
@@ -177,12 +178,7 @@ class OmniLMMProcessor(ProcessorMixin):
         """Per prompt, the image processor's outputs in span order and, per placeholder, its slice grid(s)."""
         left = {}
         for token, items, what in ((self.image_token, images, "images"), (self.video_token, videos, "videos")):
-            counts = [k.count(token) for k in kinds]
-            if items is None and sum(counts):
-                raise ValueError(f"The prompts have {sum(counts)} {token} placeholder(s) but no {what} were given; "
-                                 f"the number of {token} placeholders must equal the number of {what}.")
-            left[token] = [iter(x) for x in (_distribute(*_per_prompt(items, what == "videos"), counts, what, token)
-                                             if items is not None else [()] * len(kinds))]
+            left[token] = [iter(x) for x in _distribute(items, [k.count(token) for k in kinds], what, token)]
         visuals, grids = {key: [[] for _ in kinds] for key in VISUAL_KEYS}, [[] for _ in kinds]
         for s, sample_kinds in enumerate(kinds):
             for kind in sample_kinds:
@@ -206,14 +202,13 @@ class OmniLMMProcessor(ProcessorMixin):
         if len(slice_grids) != len(texts) or any(len(g) != len(k) for g, k in zip(slice_grids, kinds)):
             raise ValueError(f"`slice_grids` must hold per prompt one entry per <image>/<video> placeholder: the "
                              f"prompts have {[len(k) for k in kinds]}, `slice_grids` {[len(g) for g in slice_grids]}.")
-        pairs = [list(zip(*sample)) for sample in zip(kinds, slice_grids)]  # per prompt, (placeholder, grid(s))
-        image_inputs, video_inputs = ({"slice_grids": [g for sample in pairs for k, g in sample if k == kind]}
+        pairs = [pair for sample in zip(kinds, slice_grids) for pair in zip(*sample)]  # (placeholder, grid(s))
+        image_inputs, video_inputs = ({"slice_grids": [g for k, g in pairs if k == kind]}
                                       for kind in (self.image_token, self.video_token))
         expanded, offsets = self.get_text_with_replacements(
             texts, [self.replace_image_token(image_inputs, i) for i in range(len(image_inputs["slice_grids"]))],
             [self.replace_video_token(video_inputs, i) for i in range(len(video_inputs["slice_grids"]))])
-        spans = [sum(1 + (g[0] * g[1] if g else 0) for k, x in sample for g in ([x] if k == self.image_token else x))
-                 for sample in pairs]
+        spans = [sum(r["replacement"].count(SPAN_TOKENS[1]) for r in row) for row in offsets]  # views per prompt
         text_kwargs = merged["text_kwargs"]
         return_mm, return_offsets = (text_kwargs.pop(key, merged.get(key, False)) for key in MM_FLAGS)
         data = self._tokenize(expanded, spans, text_kwargs)

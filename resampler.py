@@ -9,11 +9,9 @@ from torch import nn
 
 
 def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> torch.Tensor:
-    """MAE's 2-D sin-cos table for a `grid_size x grid_size` grid: `(grid_size**2, embed_dim)`, float32.
-
-    The first half of the channels encodes `grid[0]` (built from `meshgrid(grid_w, grid_h)`, w first), the second
-    half `grid[1]`; each half is `[sin | cos]` with `omega = 1 / 10000 ** (arange(D/4) / (D/4))`.
-    """
+    """MAE's 2-D sin-cos table for a `grid_size x grid_size` grid: `(grid_size**2, embed_dim)`, float32. The first
+    half of the channels encodes `grid[0]` (from `meshgrid(grid_w, grid_h)`, w first), the second half `grid[1]`;
+    each half is `[sin | cos]` with `omega = 1 / 10000 ** (arange(D/4) / (D/4))`."""
     if embed_dim % 4:
         raise ValueError(f"the sin-cos table needs `embed_dim` divisible by 4, got {embed_dim}")
     coords = torch.arange(grid_size, dtype=torch.float64)
@@ -28,11 +26,9 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> torch.Tensor:
 
 
 class ResamplerAttention(nn.MultiheadAttention):
-    """`nn.MultiheadAttention` (same parameters, same state-dict names) whose output projection is a module call.
-
+    """`nn.MultiheadAttention` (same parameters, same state-dict names) whose output projection is a module call:
     torch's own forward reads `out_proj.weight` without calling `out_proj`; under accelerate's CPU/disk offload a
-    module's weights are loaded only when that module is called, so there it would be a meta tensor.
-    """
+    module's weights are loaded only when that module is called, so there it would be a meta tensor."""
 
     def forward(self, query, key, value, need_weights=False, **kwargs):
         length, batch, dim = query.shape
