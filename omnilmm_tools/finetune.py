@@ -160,30 +160,18 @@ def parse_sample(sample: dict, base_dir: Path) -> tuple[list[dict], list[Path]]:
 
 
 def render_chat(processor, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The chat-template text of `messages` and the character ranges that carry labels: every assistant content and
-    the end-of-sequence token that closes it. The ranges are found by rendering each prefix of the conversation with
-    the generation prompt (the template must render a conversation as the concatenation of its turns)."""
-    tokenizer = processor.tokenizer
-    template_owner = processor if getattr(processor, "chat_template", None) else tokenizer
+    """The chat-template text of `messages` and the character ranges of its `{% generation %}` blocks (each
+    assistant content and the `</s>` that closes it), as `apply_chat_template(..., return_assistant_tokens_mask=True)`
+    finds them (that call itself cannot take the images of string contents on transformers 5.17)."""
+    from transformers.utils.chat_template_utils import render_jinja_template
 
-    def render(msgs, generation_prompt):
-        return template_owner.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
-
-    full = render(messages, False)
-    eos = tokenizer.eos_token
-    ranges = []
-    for index, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prefix = render(messages[:index], True)
-        start, stop = len(prefix), len(prefix) + len(message["content"])
-        if not full.startswith(prefix) or full[start:stop] != message["content"] or full[stop : stop + len(eos)] != eos:
-            raise ValueError(
-                "the chat template does not render a conversation as the concatenation of its turns (each assistant "
-                f"turn = prompt + content + {eos}); cannot find the assistant tokens"
-            )
-        ranges.append((start, stop + len(eos)))
-    return full, ranges
+    template = processor.chat_template or processor.tokenizer.chat_template
+    prompts, ranges = render_jinja_template(conversations=[messages], chat_template=template,
+                                            return_assistant_tokens_mask=True, **processor.tokenizer.special_tokens_map)
+    if not ranges[0]:
+        raise ValueError("the chat template marks no assistant turn with {% generation %}: cannot find the assistant "
+                         "tokens that carry labels")
+    return prompts[0], [tuple(span) for span in ranges[0]]
 
 
 def build_example(processor, messages: list[dict], images: list, max_slice_nums=None, max_length: int | None = None,
@@ -193,7 +181,7 @@ def build_example(processor, messages: list[dict], images: list, max_slice_nums=
 
     The conversation is rendered with the chat template and then goes through the processor exactly as a prompt
     does at inference (placeholder expansion, slicing, BOS, span checks); the tokens inside the assistant turns
-    (and their closing ``</s>``) get labels, found from the tokenizer's character offsets."""
+    (and their closing ``</s>``) get labels, found from the tokenizer's character offsets in the rendered text."""
     text, ranges = render_chat(processor, messages)
     kwargs = {} if max_slice_nums is None else {"max_slice_nums": max_slice_nums}
     try:
@@ -202,21 +190,11 @@ def build_example(processor, messages: list[dict], images: list, max_slice_nums=
             images=[list(images)] if images else None,
             padding=False,
             return_tensors=None,
-            return_offsets_mapping=True,
-            return_text_replacement_offsets=True,
+            return_offsets_mapping=True,  # in `text` (a token of an image span: its placeholder's range)
             **kwargs,
         )
     except (ValueError, TypeError, OSError) as error:
         raise BadSample(sample_id, str(error)) from None
-    # Map the assistant ranges of `text` into the expanded text (the placeholders before them grew into spans).
-    replacements = encoding["text_replacement_offsets"][0]
-
-    def moved(position):
-        return position + sum(
-            (r["new_span"][1] - r["new_span"][0]) - (r["span"][1] - r["span"][0]) for r in replacements if r["span"][1] <= position
-        )
-
-    ranges = [(moved(a), moved(b)) for a, b in ranges]
     input_ids = torch.tensor(encoding["input_ids"][0], dtype=torch.long)
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     for position, (start, stop) in enumerate(encoding["offset_mapping"][0]):
