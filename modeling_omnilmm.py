@@ -284,6 +284,11 @@ class OmniLMMModel(OmniLMMPreTrainedModel, MistralModel):
             num_spans = count_image_spans(input_ids, self.config)
             if num_spans:
                 raise ValueError(f"the input has {num_spans} image spans but no pixel_values or vision_hidden_states")
+        if self.training and torch.is_grad_enabled() and (features is None or not features.shape[0]):
+            # Text only: the vision side still runs (on one patch, weight 0), so that every process gathers its
+            # sharded parameters in step (FSDP, ZeRO-3) and DDP sees them used, as MiniCPM-V does.
+            dummy = self.encode_images(inputs_embeds.new_zeros(1, 3, *self.vision_tower.patch_embed.patch_size))
+            inputs_embeds = inputs_embeds + 0 * dummy.sum().to(inputs_embeds.dtype)
         return super().forward(
             attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds,
             use_cache=use_cache, **{CACHE_ARG: cache}, **kwargs,

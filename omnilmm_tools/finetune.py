@@ -547,6 +547,9 @@ def parse_args(argv=None):
     parser.add_argument("--attn-implementation", choices=("sdpa", "eager", "flash_attention_2"), default=None,
                         help="the decoder's attention (default: the folder's, sdpa)")
     parser.add_argument("--deepspeed", default=None, help="a DeepSpeed config JSON (for GPUs; the README has one for ZeRO-2)")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="shard parameters, gradients and optimiser state over the processes (FSDP2, one unit per "
+                        "decoder layer, EVA block and the resampler); run it with torchrun or accelerate launch")
     parser.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is available")
     parser.add_argument("--report-to", default="none", help="a Trainer report_to integration (tensorboard, wandb ...)")
@@ -554,6 +557,9 @@ def parse_args(argv=None):
     args.lora_target_modules = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
     if args.merge_lora and not args.lora:
         parser.error("--merge-lora needs --lora")
+    if args.fsdp and (args.cpu or not torch.accelerator.is_available()):
+        parser.error("--fsdp needs GPUs (or other accelerators): accelerate shards only there; on CPUs use "
+                     "torchrun without --fsdp (DDP)")
     return args
 
 
@@ -606,6 +612,8 @@ def main(argv=None) -> None:
         ddp_find_unused_parameters=True,  # text-only batches leave the vision tower and resampler unused
         dataloader_num_workers=args.num_workers,
         deepspeed=args.deepspeed,
+        fsdp="full_shard auto_wrap" if args.fsdp else None,
+        fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": model._no_split_modules} if args.fsdp else None,
         report_to=args.report_to,
     )
     trainer = make_trainer_class()(model=model, args=training_args, train_dataset=dataset, data_collator=Collator(processor.tokenizer.pad_token_id))
@@ -616,7 +624,8 @@ def main(argv=None) -> None:
     save_outputs(trainer, trainer.accelerator.unwrap_model(trainer.model), processor, args)
     if trainer.is_world_process_zero():
         log = {"train_seconds": elapsed, "global_step": trainer.state.global_step, "skipped": dataset.skipped,
-               "world_size": training_args.world_size, "log_history": trainer.state.log_history}
+               "world_size": training_args.world_size, "fsdp": trainer.is_fsdp_enabled,
+               "log_history": trainer.state.log_history}
         Path(args.output).mkdir(parents=True, exist_ok=True)
         (Path(args.output) / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
 

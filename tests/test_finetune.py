@@ -248,11 +248,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_processes_match_one_process_with_the_same_global_batch(workdir):
-    """torchrun with 2 CPU processes (gloo), 2 samples each, against 1 process with 4: the same samples make each
-    step's global batch, so the per-step losses agree (rel 1e-3: the sums may run in another order). Samples 1-3 are
-    text-only, so in the first step rank 1 (samples 2-3, or 1 and 3) has no image and its vision tower and resampler
-    get no gradient (DDP must cope with the unused parameters)."""
+@pytest.fixture(scope="module")
+def sharding_run(workdir):
+    """The data and arguments of the multi-process tests, and the 1-process run with their global batch of 4.
+    Samples 1-3 are text-only, so in the first step rank 1 (samples 2-3, or 1 and 3) has no image and its vision
+    tower and resampler get no gradient (DDP must cope with the unused parameters)."""
     samples = json.loads((workdir / "data" / "data.json").read_text())[:16]
     for index in (1, 2, 3):
         samples[index] = {"id": f"text-{index}", "conversations": [
@@ -263,20 +263,45 @@ def test_two_processes_match_one_process_with_the_same_global_batch(workdir):
               "--lr", "2e-3", "--logging-steps", "1", "--report-to", "none", "--seed", "0"]
     one = workdir / "one-process"
     finetune.main([*common, "--batch-size", "4", "--output", str(one)])
-    two = workdir / "two-processes"
+    return common, one
+
+
+def greedy_answers(folder) -> list[str]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
+    items = shapes.eval_items(seed=2027, n=4, size=IMAGE_SIZE)
+    return [model.chat(image=item.image, msgs=[{"role": "user", "content": item.question}], sampling=False,
+                       max_new_tokens=4, min_new_tokens=4) for item in items]
+
+
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_processes_match_one_process_with_the_same_global_batch(workdir, sharding_run, sharding):
+    """torchrun with 2 CPU processes (gloo), 2 samples each, against 1 process with 4: the same samples make each
+    step's global batch, so the per-step losses agree (rel 1e-3: the sums may run in another order), and so do the
+    saved models' greedy answers. DDP (`omnilmm-finetune` under torchrun) keeps a whole model per process; FSDP2
+    (tests/fsdp_worker.py: accelerate shards only on accelerators) keeps half of it."""
+    common, one = sharding_run
+    two = workdir / f"two-processes-{sharding}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    program = ["-m", "omnilmm_tools.finetune"] if sharding == "ddp" else [str(ROOT / "tests" / "fsdp_worker.py")]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-               "--master-port", str(free_port()), "-m", "omnilmm_tools.finetune", *common, "--batch-size", "2",
-               "--output", str(two)]
+               "--master-port", str(free_port()), *program, *common, "--batch-size", "2", "--output", str(two)]
     result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     log = json.loads((two / "train_log.json").read_text())
-    assert log["world_size"] == 2 and log["global_step"] == 4
-    print("1 process:", losses(one), "\n2 processes:", losses(two))
+    assert log["world_size"] == 2 and log["global_step"] == 4 and log["fsdp"] == (sharding == "fsdp")
+    if sharding == "fsdp":
+        assert 0.45 < log["local_parameter_fraction"] < 0.55, log["local_parameter_fraction"]
+    print("1 process:", losses(one), f"\n2 processes ({sharding}):", losses(two))
     assert losses(two) == pytest.approx(losses(one), rel=1e-3)
-    from transformers import AutoModelForCausalLM
+    assert greedy_answers(two) == greedy_answers(one)
 
-    assert type(AutoModelForCausalLM.from_pretrained(two, trust_remote_code=True)).__name__ == "OmniLMMForCausalLM"
+
+def test_fsdp_through_trainer_is_refused_on_cpu_with_the_reason(workdir, capsys):
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--init-config", str(workdir / "tiny.json"), "--data", "d.json", "--output", "o", "--fsdp"])
+    assert "--fsdp needs GPUs (or other accelerators): accelerate shards only there" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------------------------
