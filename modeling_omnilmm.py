@@ -179,13 +179,15 @@ class OmniLMMModel(OmniLMMPreTrainedModel, MistralModel):
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`(n, 3, H, W)` images of one size → `(n, num_query, hidden_size)` resampled features."""
         tower = self.vision_tower
-        weight = tower.patch_embed.proj.weight  # on "meta" when offloaded: accelerate's hook then moves the input
+        # (Parameters are read through `parameters()`: reading an attribute gathers a ZeRO-3 partition, on this
+        # process alone.) On "meta" when offloaded: accelerate's hook then moves the input.
+        weight = next(tower.patch_embed.parameters())
         device = pixel_values.device if weight.device.type == "meta" else weight.device
         pixel_values = pixel_values.to(device=device, dtype=weight.dtype)
         features = tower(pixel_values)[:, tower.num_prefix_tokens :]  # = forward_features, see build_vision_tower
         patch_h, patch_w = tower.patch_embed.patch_size
         grid_hw = (math.ceil(pixel_values.shape[-2] / patch_h), math.ceil(pixel_values.shape[-1] / patch_w))
-        return self.resampler(features.to(self.resampler.query.dtype), grid_hw)
+        return self.resampler(features.to(next(self.resampler.parameters()).dtype), grid_hw)
 
     @can_return_tuple
     def get_image_features(self, pixel_values, **kwargs) -> BaseModelOutputWithPooling:
@@ -193,7 +195,7 @@ class OmniLMMModel(OmniLMMPreTrainedModel, MistralModel):
         num_query, hidden_size)` features in reading order, `config.vision_batch_size` images of a size at a time."""
         images = flatten_images(pixel_values)
         if len(images) == 0:
-            empty = self.resampler.query.new_zeros(0, self.config.num_query, self.config.hidden_size)
+            empty = next(self.resampler.parameters()).new_zeros(0, self.config.num_query, self.config.hidden_size)
             return BaseModelOutputWithPooling(pooler_output=empty)
         groups, chunk = defaultdict(list), self.config.vision_batch_size
         for index, image in enumerate(images):

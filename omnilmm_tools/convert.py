@@ -308,7 +308,7 @@ def convert(src, dst, max_shard_size="2GB", tokenizer=None) -> Path:
     if not src.is_dir():
         raise FileNotFoundError(f"{src} is not a folder")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise FileExistsError(f"{dst} exists and is not an empty folder; give a new folder")
+        raise FileExistsError(f"{dst} exists and is not empty (or not a folder); give a new folder")
     tokenizer_file = tokenizer_model_file(tokenizer)
     config, added_tokens = load_config(src)
     dst.mkdir(parents=True, exist_ok=True)

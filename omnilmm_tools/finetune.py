@@ -448,16 +448,20 @@ def write_generation_config(model, dst: Path, decoding: str = "keep") -> None:
     GenerationConfig(**values).save_pretrained(dst)
 
 
-def save_hub_folder(model, processor, dst: Path, dtype: torch.dtype | None = None, decoding: str = "keep") -> None:
-    """`model` (an OmniLMMForCausalLM) as a self-contained Hub folder: config, safetensors, processor and tokenizer
-    files, the remote-code .py files and generation_config.json (see `write_generation_config`)."""
+def save_hub_folder(model, processor, dst: Path, dtype: torch.dtype | None = None, decoding: str = "keep",
+                    state_dict: dict | None = None) -> None:
+    """`model` (an OmniLMMForCausalLM; its weights, or `state_dict`) as a self-contained Hub folder: config,
+    safetensors, processor and tokenizer files, the remote-code .py files and generation_config.json (see
+    `write_generation_config`)."""
     from .convert import copy_remote_code
 
     dst.mkdir(parents=True, exist_ok=True)
-    if dtype is not None:
+    if dtype is not None and state_dict is not None:
+        state_dict = {name: tensor.to(dtype) for name, tensor in state_dict.items()}
+    elif dtype is not None:
         model = model.to(dtype)
     model.config.use_cache = True
-    model.save_pretrained(dst)
+    model.save_pretrained(dst, state_dict=state_dict)
     save_processor(processor, dst)
     copy_remote_code(dst)
     write_generation_config(model, dst, decoding)
@@ -466,18 +470,26 @@ def save_hub_folder(model, processor, dst: Path, dtype: torch.dtype | None = Non
 def save_outputs(trainer, model, processor, args) -> None:
     output = Path(args.output)
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": None}[args.save_dtype]
+    state_dict = None  # the model's own
     if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
-        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # whole, on the main process
         if not trainer.accelerator.is_main_process:
             return
-        model.load_state_dict(state_dict, strict=False)
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+        if not is_deepspeed_zero3_enabled():  # (ZeRO-3 leaves `model` a partition: its gathered state is saved)
+            model.load_state_dict(state_dict, strict=False)
+            state_dict = None
     if not trainer.is_world_process_zero():
         return
     if args.lora:
         adapter_dir = output / "adapter" if args.merge_lora else output
         base_dir = output / "base_model" if args.init_config else Path(args.model)  # the base saved before training
         model.peft_config["default"].base_model_name_or_path = str(base_dir.resolve())
-        model.save_pretrained(adapter_dir)
+        model.save_pretrained(adapter_dir, state_dict=state_dict)
+        if args.merge_lora and state_dict is not None:
+            raise SystemExit("omnilmm-finetune: --merge-lora cannot merge a ZeRO-3 partition; the adapter is saved in "
+                             f"{adapter_dir}: merge it afterwards (PeftModel.from_pretrained(base, ...).merge_and_unload())")
         if not args.merge_lora:
             save_processor(processor, adapter_dir)
             say(f"saved the LoRA adapter to {adapter_dir} (load: PeftModel.from_pretrained(base, {str(adapter_dir)!r}))")
@@ -486,7 +498,7 @@ def save_outputs(trainer, model, processor, args) -> None:
         save_hub_folder(merged, processor, output, dtype, args.generation_config)
         say(f"saved the merged model to {output} and the adapter to {adapter_dir}")
         return
-    save_hub_folder(model, processor, output, dtype, args.generation_config)
+    save_hub_folder(model, processor, output, dtype, args.generation_config, state_dict)
     say(f"saved the model to {output}")
 
 
@@ -546,7 +558,7 @@ def parse_args(argv=None):
                         help="the same as --generation-config greedy")
     parser.add_argument("--attn-implementation", choices=("sdpa", "eager", "flash_attention_2"), default=None,
                         help="the decoder's attention (default: the folder's, sdpa)")
-    parser.add_argument("--deepspeed", default=None, help="a DeepSpeed config JSON (for GPUs; the README has one for ZeRO-2)")
+    parser.add_argument("--deepspeed", default=None, help="a DeepSpeed config JSON (the README has ZeRO-2 and ZeRO-3 ones)")
     parser.add_argument("--fsdp", action="store_true",
                         help="shard parameters, gradients and optimiser state over the processes (FSDP2, one unit per "
                         "decoder layer, EVA block and the resampler); run it with torchrun or accelerate launch")

@@ -275,16 +275,19 @@ def greedy_answers(folder) -> list[str]:
                        max_new_tokens=4, min_new_tokens=4) for item in items]
 
 
-@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp", "zero2", "zero3"])
 def test_two_processes_match_one_process_with_the_same_global_batch(workdir, sharding_run, sharding):
     """torchrun with 2 CPU processes (gloo), 2 samples each, against 1 process with 4: the same samples make each
     step's global batch, so the per-step losses agree (rel 1e-3: the sums may run in another order), and so do the
     saved models' greedy answers. DDP (`omnilmm-finetune` under torchrun) keeps a whole model per process; FSDP2
-    (tests/fsdp_worker.py: accelerate shards only on accelerators) keeps half of it."""
+    (tests/fsdp_worker.py: accelerate shards only on accelerators) keeps half of it; DeepSpeed ZeRO-2 shards the
+    optimiser state and gradients, ZeRO-3 the parameters too (`--deepspeed configs/...`, its CPU accelerator)."""
     common, one = sharding_run
     two = workdir / f"two-processes-{sharding}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    program = ["-m", "omnilmm_tools.finetune"] if sharding == "ddp" else [str(ROOT / "tests" / "fsdp_worker.py")]
+    program = [str(ROOT / "tests" / "fsdp_worker.py")] if sharding == "fsdp" else ["-m", "omnilmm_tools.finetune"]
+    if sharding.startswith("zero"):
+        program += ["--deepspeed", str(ROOT / "configs" / f"deepspeed_{sharding}.json")]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
                "--master-port", str(free_port()), *program, *common, "--batch-size", "2", "--output", str(two)]
     result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -94,7 +94,7 @@ def test_convert_command_errors_are_one_line(venv, tmp_path):
     (tmp_path / "taken" / "file").write_text("")
     original = FIXTURES / "omnilmm-tiny-original" / "original"
     for arguments, message in [([tmp_path / "missing", tmp_path / "new"], "missing is not a folder"),
-                               ([original, tmp_path / "taken"], "exists and is not an empty folder"),
+                               ([original, tmp_path / "taken"], "exists and is not empty"),
                                ([original, tmp_path / "new", "--tokenizer", tmp_path / "none"], "no SentencePiece")]:
         result = run([venv / "omnilmm-convert", *arguments], tmp_path)
         assert result.returncode != 0 and result.stderr.count("\n") == 1, result
