@@ -301,6 +301,19 @@ def test_two_processes_match_one_process_with_the_same_global_batch(workdir, sha
     assert greedy_answers(two) == greedy_answers(one)
 
 
+def test_fine_tuning_keeps_the_base_generation_config_unless_told(workdir):
+    base = json.loads((DEMO_MODEL / "generation_config.json").read_text())
+    common = ["--model", str(DEMO_MODEL), "--data", str(workdir / "data" / "data.json"), "--max-steps", "1",
+              "--batch-size", "2", "--no-tune-vision", "--report-to", "none"]
+    finetune.main([*common, "--output", str(workdir / "kept")])
+    kept = json.loads((workdir / "kept" / "generation_config.json").read_text())
+    assert {k: v for k, v in kept.items() if k != "transformers_version"} == \
+        {k: v for k, v in base.items() if k != "transformers_version"}
+    finetune.main([*common, "--output", str(workdir / "sampling"), "--generation-config", "sampling"])
+    sampling = json.loads((workdir / "sampling" / "generation_config.json").read_text())
+    assert sampling["do_sample"] is True and sampling["temperature"] == 0.6 and base.get("do_sample") is not True
+
+
 def test_fsdp_through_trainer_is_refused_on_cpu_with_the_reason(workdir, capsys):
     with pytest.raises(SystemExit):
         finetune.parse_args(["--init-config", str(workdir / "tiny.json"), "--data", "d.json", "--output", "o", "--fsdp"])
