@@ -284,7 +284,9 @@ def test_two_processes_match_one_process_with_the_same_global_batch(workdir, sha
     optimiser state and gradients, ZeRO-3 the parameters too (`--deepspeed configs/...`, its CPU accelerator)."""
     common, one = sharding_run
     two = workdir / f"two-processes-{sharding}"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # DeepSpeed builds a C++ op per torch build; .venv and .venv-vllm would share one cache folder (and its lock)
+    extensions = Path.home() / ".cache" / "torch_extensions" / f"omnilmm-torch-{torch.__version__}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TORCH_EXTENSIONS_DIR": str(extensions)}
     program = [str(ROOT / "tests" / "fsdp_worker.py")] if sharding == "fsdp" else ["-m", "omnilmm_tools.finetune"]
     if sharding.startswith("zero"):
         program += ["--deepspeed", str(ROOT / "configs" / f"deepspeed_{sharding}.json")]
