@@ -114,18 +114,24 @@ class Row:
     comparison: str
     what: str
     value: float
-    target: str  # e.g. ">= 1.50" or "<= 1.05"
+    target: str  # e.g. ">= 1.50" or "<= 1.05"; "info": printed against its limit, no target on this device
     details: str = ""
     smoke: bool = False
 
     @property
-    def passed(self) -> bool:
+    def passed(self) -> bool | None:
+        if self.target == "info":
+            return None
         op, bound = self.target.split()
         bound = float(bound)
         return {"<=": self.value <= bound, ">=": self.value >= bound, ">": self.value > bound, "<": self.value < bound}[op]
 
+    @property
+    def verdict(self) -> str:
+        return {True: "PASS", False: "FAIL", None: "INFO"}[self.passed]
+
     def line(self) -> str:
-        verdict = "PASS" if self.passed else "FAIL"
+        verdict = self.verdict
         if self.smoke:
             verdict += " (smoke sizes: not meaningful)"
         return f"  {self.what:<62} ratio {self.value:7.3f}   target {self.target:<7}  {verdict}"
@@ -401,9 +407,10 @@ def bench_vision(bench: Bench, model):
     ceiling, t_one, t_many = gemm_ceiling(bench, fc1, tokens, len(images) - 1)
     bench.add(
         "2 vision",
-        f"batched get_vision_embedding speed-up over one tile at a time",
+        "batched get_vision_embedding speed-up over one tile at a time",
         paired_ratio(times["one at a time"], times["batched"]),
-        ">= 1.50",
+        # a CPU is busy with one ~1,000-token tile already: there the row is measured against its GEMM limit
+        ">= 3.00" if bench.device.type == "cuda" else "info",
         f"batched {fmt_s(median(times['batched']))}, one at a time {fmt_s(median(times['one at a time']))} "
         f"({len(images)} images, largest difference {difference:.1e}). Limit here: the EVA MLP GEMM on {len(images) - 1} tiles at once is "
         f"{ceiling:.2f}x faster than tile by tile ({fmt_s(t_many)} vs {len(images) - 1} x {fmt_s(t_one)})",
@@ -975,8 +982,7 @@ def main(argv=None) -> int:
     print(f"\n== Summary ({preset_name} preset, {device}, {time.perf_counter() - started:.0f} s)")
     print(f"  {'comparison':<22} {'measure':<62} {'ratio':>7}  {'target':<7}  result")
     for row in bench.rows:
-        verdict = "PASS" if row.passed else "FAIL"
-        print(f"  {row.comparison:<22} {row.what:<62} {row.value:7.3f}  {row.target:<7}  {verdict}")
+        print(f"  {row.comparison:<22} {row.what:<62} {row.value:7.3f}  {row.target:<7}  {row.verdict}")
     if args.json:
         Path(args.json).write_text(
             json.dumps(

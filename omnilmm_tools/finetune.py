@@ -640,6 +640,11 @@ def main(argv=None) -> None:
                "log_history": trainer.state.log_history}
         Path(args.output).mkdir(parents=True, exist_ok=True)
         (Path(args.output) / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
+    # All processes leave together, the process group shut down: a process that exits while another still saves
+    # (ZeRO-3, FSDP) can abort in its communication threads ("terminate called without an active exception").
+    trainer.accelerator.wait_for_everyone()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

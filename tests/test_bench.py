@@ -15,8 +15,8 @@ EXPECTED_ROWS = {
     "6 conversion": 1,
     "6 loading": 2,
 }
-ROW = re.compile(r"^\s+(.+?)\s+ratio\s+(\d+\.\d+)\s+target\s+(<=|>=|<|>)\s+(\d+\.\d+)\s+(PASS|FAIL)", re.M)
-SUMMARY = re.compile(r"^  (\d [a-z -]+?)\s{2,}.+?\s(\d+\.\d{3})\s+(<=|>=|<|>) \d+\.\d+\s+(PASS|FAIL)$", re.M)
+ROW = re.compile(r"^\s+(.+?)\s+ratio\s+(\d+\.\d+)\s+target\s+(<=|>=|<|>|info)\s*(\d+\.\d+)?\s+(PASS|FAIL|INFO)", re.M)
+SUMMARY = re.compile(r"^  (\d [a-z -]+?)\s{2,}.+?\s(\d+\.\d{3})\s+(?:(<=|>=|<|>) \d+\.\d+|info)\s+(PASS|FAIL|INFO)$", re.M)
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,12 @@ def test_rows_judge_their_targets():
     assert not bench.Row("x", "y", 1.06, "<= 1.05").passed
     assert bench.Row("x", "y", 1.5, ">= 1.50").passed
     assert not bench.Row("x", "y", 1.0, "> 1.00").passed
+    assert bench.Row("x", "y", 1.0, "info").passed is None and bench.Row("x", "y", 1.0, "info").verdict == "INFO"
+
+
+def test_vision_batching_is_information_on_a_cpu(smoke_output):
+    row = next(line for line in smoke_output.splitlines() if "batched get_vision_embedding speed-up" in line)
+    assert "target info" in row and "INFO" in row, row
 
 
 def test_skip_convert_and_only_select_comparisons(capsys):

@@ -46,6 +46,7 @@ def test_sft_trainer_fine_tunes_and_the_saved_folder_chats(tmp_path):
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor)
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    print(f"transformers {transformers.__version__}, assistant masks {ASSISTANT_MASKS}: losses", losses)
     assert len(losses) == 20 and sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
 
     trainer.save_model(str(tmp_path / "tuned"))
