@@ -14,10 +14,13 @@ and reports medians and the median of the per-repetition ratios, next to its tar
    `from_pretrained` of the converted folder against a plain Mistral folder of the same size;
 7. serving (needs vLLM: `.venv-vllm`): 32 image+text prompts through vLLM's offline engine against one batched
    `generate`, same folder, same greedy tokens.
+8. weight-only quantization (optimum-quanto): resident memory and decode speed of int8 and int4 against bf16, the
+   greedy tokens' agreement and the logit drift.
 
 The model is random (no download), at the sizes of `--preset` (see `PRESETS`; `--smoke` = tiny, seconds).
 """
 
+import ctypes
 import gc
 import json
 import math
@@ -58,10 +61,14 @@ PRESETS = {
             vision=dict(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0),
             hidden_size=128, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, intermediate_size=256,
         ),
+        "quantize": dict(
+            vision=dict(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0),
+            hidden_size=128, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, intermediate_size=256,
+        ),
         "photos": [(320, 240), (800, 600)],
         "tile_image": (640, 480),
-        "reps": dict(preprocess=1, vision=1, overhead=1, multiturn=1, batched=1, load=1, serving=1),
-        "new_tokens": dict(overhead=2, multiturn=2, batched=2, serving=2),
+        "reps": dict(preprocess=1, vision=1, overhead=1, multiturn=1, batched=1, load=1, serving=1, quantize=1),
+        "new_tokens": dict(overhead=2, multiturn=2, batched=2, serving=2, quantize=2),
     },
     # CPU (2 cores): the real Mistral head dim (128) and EVA patch/grid, at half the real widths and one layer,
     # so that the whole run fits in 15 minutes; the converted checkpoint has the real widths.
@@ -76,10 +83,16 @@ PRESETS = {
             hidden_size=4096, num_hidden_layers=3, num_attention_heads=32, num_key_value_heads=8,
             intermediate_size=14336,
         ),
+        # decoder-heavy like the 12B (its embedding and LM head are 2% of it): 24 layers at half the real width
+        "quantize": dict(
+            vision=dict(embed_dim=1024, depth=3, num_heads=16, mlp_ratio=4.0),
+            hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=4,
+            intermediate_size=7168,
+        ),
         "photos": [(1600, 1200), (4000, 3000)],
         "tile_image": (1600, 1200),
-        "reps": dict(preprocess=5, vision=4, overhead=7, multiturn=6, batched=2, load=5, serving=2),
-        "new_tokens": dict(overhead=24, multiturn=8, batched=32, serving=32),
+        "reps": dict(preprocess=5, vision=4, overhead=7, multiturn=6, batched=2, load=5, serving=2, quantize=2),
+        "new_tokens": dict(overhead=24, multiturn=8, batched=32, serving=32, quantize=8),
     },
     # GPU: the real widths (EVA 1792, Mistral 4096) with a few layers.
     "gpu": {
@@ -93,10 +106,15 @@ PRESETS = {
             hidden_size=4096, num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=8,
             intermediate_size=14336,
         ),
+        "quantize": dict(
+            vision=dict(REAL_EVA, depth=5),
+            hidden_size=4096, num_hidden_layers=8, num_attention_heads=32, num_key_value_heads=8,
+            intermediate_size=14336,
+        ),
         "photos": [(1600, 1200), (4000, 3000)],
         "tile_image": (1600, 1200),
-        "reps": dict(preprocess=5, vision=5, overhead=5, multiturn=5, batched=3, load=3, serving=3),
-        "new_tokens": dict(overhead=64, multiturn=32, batched=64, serving=64),
+        "reps": dict(preprocess=5, vision=5, overhead=5, multiturn=5, batched=3, load=3, serving=3, quantize=3),
+        "new_tokens": dict(overhead=64, multiturn=32, batched=64, serving=64, quantize=32),
     },
 }
 NUM_QUERY = 64  # MiniCPM-V-style slicing models: 64 tokens per tile
@@ -660,6 +678,124 @@ def bench_serving(bench: Bench, workdir: Path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# 8. Weight-only quantization
+# ---------------------------------------------------------------------------------------------------------------
+
+QUANTIZED_PROMPTS = 4
+# Not quantized: the LM head (the logits' precision) and the resampler (its nn.MultiheadAttention reads
+# `out_proj.weight` itself). The vision tower is quantized: at the 12B's size it is 4.3 of 11.6 B parameters.
+NOT_QUANTIZED = ["lm_head", "model.resampler"]
+
+
+def vm_status(key: str) -> int:
+    """`VmRSS`, `VmHWM` ... of this process, in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def tensor_bytes(tensor) -> int:
+    """The bytes a tensor holds; for quanto's quantized tensors, those of their inner tensors (data, scales, ...)."""
+    if hasattr(tensor, "__tensor_flatten__"):
+        return sum(tensor_bytes(getattr(tensor, name)) for name in tensor.__tensor_flatten__()[0])
+    return tensor.numel() * tensor.element_size()
+
+
+def quantized_run(folder, precision, new_tokens, reps, out):
+    """One contender of comparison 8, in a fresh process: load `folder` in bf16 or with quanto `precision` weights,
+    answer the bench's image prompts greedily; write its memory, decode time, tokens and first-step logits to
+    `out` (a torch file)."""
+    from transformers import AutoModelForCausalLM, AutoProcessor, QuantoConfig
+
+    new_tokens, reps = int(new_tokens), int(reps)
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    images = [[synthetic_photo(320 + 32 * i, 240 + 16 * i, seed=i)] for i in range(QUANTIZED_PROMPTS)]
+    chats = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"Picture {i}: what is it?"}]}]
+             for i in range(QUANTIZED_PROMPTS)]
+    prompts = [processor.apply_chat_template(chat, add_generation_prompt=True) for chat in chats]
+    inputs = processor(text=prompts, images=images, return_tensors="pt")
+    gc.collect()
+    baseline = {key: vm_status(key) for key in ("RssAnon", "RssFile", "VmRSS")}
+    config = None if precision == "bf16" else QuantoConfig(weights=precision, modules_to_not_convert=NOT_QUANTIZED)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.bfloat16,
+                                                 quantization_config=config).eval()
+    weights = sum(tensor_bytes(tensor) for tensor in model.state_dict().values())
+
+    def answer(n):
+        with torch.no_grad():  # (quanto's int4 weights fail under inference_mode: "Cannot set version_counter")
+            return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, output_logits=True,
+                                  return_dict_in_generate=True)
+
+    output = answer(new_tokens)  # also the warm-up
+    times = {"all": [], "first": []}
+    for _ in range(reps):
+        for name, n in (("all", new_tokens), ("first", 1)):
+            started = time.perf_counter()
+            answer(n)
+            times[name].append(time.perf_counter() - started)
+    decode = max(1e-9, median(times["all"]) - median(times["first"])) / max(1, new_tokens - 1)
+    gc.collect()
+    ctypes.CDLL(None).malloc_trim(0)  # the allocator keeps freed loading buffers otherwise
+    # every weight touched by now; bf16 weights stay mmap'd file pages, quantized ones are anonymous memory
+    resident = {key: vm_status(key) - baseline[key] for key in ("RssAnon", "RssFile")}
+    torch.save({"weights": weights, "resident": resident, "peak": vm_status("VmHWM") - baseline["VmRSS"],
+                "decode_s": decode,
+                "tokens": output.sequences[:, inputs["input_ids"].shape[1] :].tolist(),
+                "logits": output.logits[0].float()}, out)
+
+
+def bench_quantization(bench: Bench, workdir: Path):
+    """bf16, int8 and int4 (optimum-quanto, weight-only) of one random folder, each in its own process on the CPU:
+    the bytes of the loaded weights (and, as information, the process's resident memory after answering and its peak
+    while loading, the interpreter's own subtracted), the time per decoding step of a batch of image prompts, and the
+    greedy tokens and first-step logits against bf16."""
+    try:
+        import optimum.quanto  # noqa: F401
+    except ImportError:
+        raise SystemExit("comparison 8 (quantize) needs optimum-quanto: pip install -e '.[quantization]'") from None
+    from .finetune import save_hub_folder
+
+    sizes, reps = bench.preset["quantize"], bench.preset["reps"]["quantize"]
+    new_tokens = bench.preset["new_tokens"]["quantize"]
+    header(f"8. Weight-only quantization (optimum-quanto) on the CPU: int8 and int4 against bf16 ({describe(sizes)})")
+    folder = workdir / "quantize"
+    model = random_model(omnilmm_config(sizes), torch.device("cpu"), torch.bfloat16)
+    save_hub_folder(model, build_processor(slice_mode=False), folder)
+    del model
+    gc.collect()
+    results = {}
+    for precision in ("bf16", "int8", "int4"):
+        out = workdir / f"{precision}.pt"
+        command = [sys.executable, "-c", "import sys; from omnilmm_tools.bench import quantized_run; "
+                   "quantized_run(*sys.argv[1:])", str(folder), precision, str(new_tokens), str(reps), str(out)]
+        result = subprocess.run(command, capture_output=True, text=True, cwd=str(Path(__file__).parent.parent))
+        if result.returncode != 0:
+            raise RuntimeError(f"the {precision} run failed:\n{result.stderr[-3000:]}")
+        results[precision] = torch.load(out)
+    reference = results["bf16"]
+
+    def resident(run):  # file pages: the bf16 weights, mmap'd (quantized runs: what quantizing read; reclaimable)
+        return f"{run['resident']['RssAnon'] / 1e9:.2f} GB anonymous + {run['resident']['RssFile'] / 1e9:.2f} GB file pages"
+
+    for precision, target_memory, target_speed in (("int8", "info", "info"), ("int4", "<= 0.35", ">= 1.00")):
+        run = results[precision]
+        same = sum(a == b for a, b in zip(run["tokens"], reference["tokens"]))
+        drift = float((run["logits"] - reference["logits"]).abs().max())
+        scale = float(reference["logits"].abs().max())
+        agreement = (f"greedy tokens equal for {same} of {QUANTIZED_PROMPTS} prompts ({new_tokens} tokens each), "
+                     f"first-step logit drift {drift:.3f} (logits reach {scale:.2f})")
+        bench.add("8 quantization", f"{precision} weight memory / bf16 (LM head and resampler in bf16)",
+                  run["weights"] / reference["weights"], target_memory,
+                  f"{run['weights'] / 1e9:.2f} GB vs {reference['weights'] / 1e9:.2f} GB of weights. After answering "
+                  f"the process holds {resident(run)} ({resident(reference)} in bf16) and peaked at "
+                  f"{run['peak'] / 1e9:.2f} vs {reference['peak'] / 1e9:.2f} GB while loading; {agreement}")
+        bench.add("8 quantization", f"{precision} decode speed / bf16 (batch of {QUANTIZED_PROMPTS})",
+                  reference["decode_s"] / run["decode_s"], target_speed,
+                  f"{fmt_s(run['decode_s'])} vs {fmt_s(reference['decode_s'])} per decoding step")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # 6. Conversion and loading
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -908,7 +1044,7 @@ def describe(sizes):
     )
 
 
-COMPARISONS = ("preprocess", "vision", "overhead", "multiturn", "batched", "convert", "serving")
+COMPARISONS = ("preprocess", "vision", "overhead", "multiturn", "batched", "convert", "quantize", "serving")
 DEFAULT_COMPARISONS = COMPARISONS[:-1]  # serving needs vLLM's environment: `--only serving` there
 
 
@@ -970,7 +1106,8 @@ def main(argv=None) -> int:
             bench_batched(bench, model, processor)
         del model
         gc.collect()
-    for name, run_in_workdir in (("convert", bench_convert_and_load), ("serving", bench_serving)):
+    for name, run_in_workdir in (("convert", bench_convert_and_load), ("quantize", bench_quantization),
+                                 ("serving", bench_serving)):
         if name in selected:
             workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="omnilmm-bench-"))
             workdir.mkdir(parents=True, exist_ok=True)

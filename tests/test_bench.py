@@ -14,6 +14,7 @@ EXPECTED_ROWS = {
     "5 batched generation": 1,
     "6 conversion": 1,
     "6 loading": 2,
+    "8 quantization": 4,  # int8 and int4: weight memory and decode speed
 }
 ROW = re.compile(r"^\s+(.+?)\s+ratio\s+(\d+\.\d+)\s+target\s+(<=|>=|<|>|info)\s*(\d+\.\d+)?\s+(PASS|FAIL|INFO)", re.M)
 SUMMARY = re.compile(r"^  (\d [a-z -]+?)\s{2,}.+?\s(\d+\.\d{3})\s+(?:(<=|>=|<|>) \d+\.\d+|info)\s+(PASS|FAIL|INFO)$", re.M)
@@ -31,7 +32,7 @@ def smoke_output(tmp_path_factory):
 
 
 def test_smoke_prints_every_comparison_with_a_ratio_and_a_verdict(smoke_output):
-    for title in ("== 1.", "== 2.", "== 3.", "== 4.", "== 5.", "== 6.", "== Summary"):
+    for title in ("== 1.", "== 2.", "== 3.", "== 4.", "== 5.", "== 6.", "== 8.", "== Summary"):
         assert title in smoke_output, f"{title} missing from:\n{smoke_output}"
     rows = ROW.findall(smoke_output)
     assert len(rows) == sum(EXPECTED_ROWS.values()), smoke_output
