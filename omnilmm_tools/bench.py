@@ -236,6 +236,16 @@ def synthetic_photo(width, height, seed=0):
     return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8), "RGB")
 
 
+def image_questions(processor, count):
+    """`count` chat prompts of one image and a question each, and their images (synthetic photos, each its own size),
+    as comparisons 7 and 8 ask them."""
+    images = [synthetic_photo(320 + 16 * i, 240 + 8 * i, seed=i) for i in range(count)]
+    chats = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"Question {i}: what is "
+                                                                                   "in this picture?"}]}]
+             for i in range(count)]
+    return [processor.apply_chat_template(chat, add_generation_prompt=True) for chat in chats], images
+
+
 def omnilmm_config(sizes: dict, **extra):
     vision = dict(sizes["vision"])
     config_cls = remote_module("configuration_omnilmm").OmniLMMConfig
@@ -621,11 +631,7 @@ def bench_serving(bench: Bench, workdir: Path):
     model = random_model(omnilmm_config(bench.preset["model"]), torch.device("cpu"), torch.float32)
     save_hub_folder(model, build_processor(slice_mode=False), folder)
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-    images = [synthetic_photo(320 + 16 * i, 240 + 8 * i, seed=i) for i in range(SERVING_PROMPTS)]
-    chats = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"Question {i}: what is "
-                                                                                   "in this picture?"}]}]
-             for i in range(SERVING_PROMPTS)]
-    prompts = [processor.apply_chat_template(chat, add_generation_prompt=True) for chat in chats]
+    prompts, images = image_questions(processor, SERVING_PROMPTS)
 
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
     model = model.to(bench.device).eval()
@@ -710,11 +716,8 @@ def quantized_run(folder, precision, new_tokens, reps, out):
 
     new_tokens, reps = int(new_tokens), int(reps)
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-    images = [[synthetic_photo(320 + 32 * i, 240 + 16 * i, seed=i)] for i in range(QUANTIZED_PROMPTS)]
-    chats = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"Picture {i}: what is it?"}]}]
-             for i in range(QUANTIZED_PROMPTS)]
-    prompts = [processor.apply_chat_template(chat, add_generation_prompt=True) for chat in chats]
-    inputs = processor(text=prompts, images=images, return_tensors="pt")
+    prompts, images = image_questions(processor, QUANTIZED_PROMPTS)
+    inputs = processor(text=prompts, images=[[image] for image in images], return_tensors="pt")
     gc.collect()
     baseline = {key: vm_status(key) for key in ("RssAnon", "RssFile", "VmRSS")}
     config = None if precision == "bf16" else QuantoConfig(weights=precision, modules_to_not_convert=NOT_QUANTIZED)

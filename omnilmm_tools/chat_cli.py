@@ -13,18 +13,14 @@ import torch
 
 from .cli import Parser, fail, positive_int, torch_device
 from .cpu_decoding import block_lm_head
-from .remote import ROOT
-
-
-def default_model_dir() -> Path:
-    return ROOT / "demo_model"
+from .remote import DEMO_MODEL
 
 
 def main(argv=None) -> None:
     parser = Parser("omnilmm-chat", __doc__.split("\n\n")[0])
     parser.add_argument("question", help="the question, e.g. \"What colour is the shape?\"")
     parser.add_argument("--image", action="append", default=[], help="an image file (repeat for several images)")
-    parser.add_argument("--model", default=str(default_model_dir()),
+    parser.add_argument("--model", default=str(DEMO_MODEL),
                         help="a Hub folder (default: the demo model that comes with this package)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=64, help="longest answer in tokens")
     parser.add_argument("--sample", action="store_true",

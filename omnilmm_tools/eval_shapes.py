@@ -21,15 +21,11 @@ from tqdm.auto import tqdm
 
 from .cli import Parser, fail, positive_int, torch_device
 from .cpu_decoding import block_lm_head
-from .remote import ROOT
+from .remote import DEMO_MODEL
 from .shapes import COLOURS, COUNT_WORDS, POSITIONS, QUESTION_TYPES, SHAPES, eval_items
 
 CHANCE = {"colour": 1 / len(COLOURS), "shape": 1 / len(SHAPES), "position": 1 / len(POSITIONS), "count": 1 / len(COUNT_WORDS),
           "binding": (1 / len(COLOURS) + 1 / len(SHAPES)) / 2}
-
-
-def default_model_dir() -> Path:
-    return ROOT / "demo_model"
 
 
 def load(model_dir, device=None):
@@ -120,7 +116,7 @@ def format_table(result: dict) -> str:
 
 def main(argv=None) -> None:
     parser = Parser("omnilmm-eval-shapes", __doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=str(default_model_dir()),
+    parser.add_argument("--model", default=str(DEMO_MODEL),
                         help="a Hub folder (default: the demo model that comes with this package)")
     parser.add_argument("--seed", type=int, default=12345, help="generator seed of the evaluation images")
     parser.add_argument("--n", type=positive_int, default=200, help="number of questions (the four types in turn)")

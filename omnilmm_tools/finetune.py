@@ -621,7 +621,9 @@ def main(argv=None) -> None:
         gradient_checkpointing=args.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
         remove_unused_columns=False,
-        ddp_find_unused_parameters=True,  # text-only batches leave the vision tower and resampler unused
+        # text-only steps run the vision side on one patch (see the model's forward); this keeps DDP safe when a
+        # forward still leaves a parameter without a gradient
+        ddp_find_unused_parameters=True,
         dataloader_num_workers=args.num_workers,
         deepspeed=args.deepspeed,
         fsdp="full_shard auto_wrap" if args.fsdp else None,

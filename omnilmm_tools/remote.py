@@ -14,6 +14,7 @@ from pathlib import Path
 # the repository root in a checkout (an editable install included).
 _PACKAGE_DATA = Path(__file__).resolve().parent / "hub"
 ROOT = _PACKAGE_DATA if (_PACKAGE_DATA / "modeling_omnilmm.py").is_file() else Path(__file__).resolve().parent.parent
+DEMO_MODEL = ROOT / "demo_model"  # the commands' default model
 PACKAGE = "omnilmm_remote"
 REMOTE_CODE_FILES = (
     "configuration_omnilmm.py",

@@ -199,15 +199,6 @@ def build_tokenizer(added_tokens: dict[str, int] | None = None, vocab_file: str 
     return tokenizer
 
 
-def load_original_tokenizer(src: str | os.PathLike):
-    """The tokenizer of an original OmniLMM release folder (its ``tokenizer.model`` and ``added_tokens.json``),
-    with this project's settings (pad token, left padding, chat template)."""
-    src = Path(src)
-    added_path = src / "added_tokens.json"
-    added_tokens = json.loads(added_path.read_text(encoding="utf-8")) if added_path.is_file() else None
-    return build_tokenizer(added_tokens, vocab_file=src / "tokenizer.model")
-
-
 def save_tokenizer(dst: str | os.PathLike, tokenizer=None, copy_sentencepiece: bool = True) -> list[str]:
     """Write the tokenizer files into the model folder ``dst``: ``tokenizer.json``, ``tokenizer_config.json``,
     ``chat_template.jinja`` and (``copy_sentencepiece``) the SentencePiece ``tokenizer.model`` it was built from.
@@ -260,7 +251,6 @@ __all__ = [
     "SPECIAL_TOKENS",
     "build_tokenizer",
     "check_added_tokens",
-    "load_original_tokenizer",
     "load_tokenizer_config",
     "mistral_v01_vocab_file",
     "save_processor",

@@ -108,3 +108,12 @@ def make_sentencepiece(folder, vocab_size):
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
     )
     return folder / "tokenizer.model"
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on (for torchrun's rendezvous, a vLLM server)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -7,7 +7,6 @@ Mistral v0.1 tokenizer, trained for a few dozen steps on the synthetic shapes ta
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import free_port
 from omnilmm_tools import finetune, shapes
 from omnilmm_tools.remote import remote_module
 
@@ -240,12 +240,6 @@ def test_merged_lora_matches_unmerged_peft_model(lora_run, processor):
 # ------------------------------------------------------------------------------------------------------------------
 # (d) two processes
 # ------------------------------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

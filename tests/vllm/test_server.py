@@ -5,7 +5,6 @@
 import base64
 import io
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,18 +17,13 @@ import torch
 from PIL import Image
 from transformers import AutoModelForCausalLM
 
+from conftest import free_port
 from test_offline import shape_image
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "demo_model"
 MAX_TOKENS = 8
 QUESTION = "What colour is the shape?"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
