@@ -30,6 +30,7 @@ DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
 # Slice mode refuses thinner images: up to this ratio a view has at most about (scale_resolution / patch_size)**2
 # patches; beyond, the short side stays one patch and the long side grows (1 x 100,000,000: a 320,000-patch view).
 MAX_ASPECT_RATIO = 1000
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi")  # a path that names a video, not an image
 NORM_NAMES = ("do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")
 SLICE_NAMES = ("max_slice_nums", "scale_resolution", "patch_size", "never_split")
 SETTING_NAMES = ("image_size", "slice_mode", *SLICE_NAMES, "max_image_pixels", *NORM_NAMES)
@@ -76,6 +77,11 @@ def slice_layout(image_size, max_slice_nums=9, scale_resolution=448, patch_size=
     cols, rows = min(candidates, key=lambda grid: abs(log_ratio - math.log(grid[0] / grid[1])))  # first minimum
     cell = (_ensure_divide(width, cols) / cols, _ensure_divide(height, rows) / rows)
     return source_size, (cols, rows), _find_best_resize(cell, scale_resolution, patch_size, allow_upscale=True)
+
+
+def num_views(grid) -> int:
+    """The views (spans) of an image sliced to `grid` (`(cols, rows)`: the overview and its tiles; None: one view)."""
+    return 1 + (grid[0] * grid[1] if grid else 0)
 
 
 def _check_pixels(width, height, max_image_pixels, what="image"):
@@ -140,7 +146,8 @@ def _load_file(path, max_image_pixels):
         raise ValueError(f"PIL refused to open {path!r}: {err} If you trust the file, raise "
                          "PIL.Image.MAX_IMAGE_PIXELS as well as this processor's max_image_pixels.") from err
     except Exception as err:  # UnidentifiedImageError (empty or not an image), corrupt header, ...
-        raise ValueError(f"Could not read the image file {path!r} (empty or not an image): {err}") from err
+        video = " It looks like a video: give it as a video." if path.lower().endswith(VIDEO_SUFFIXES) else ""
+        raise ValueError(f"Could not read the image file {path!r} (empty or not an image): {err}{video}") from err
     with opened:
         _check_pixels(*opened.size, max_image_pixels, what=f"image file {path!r}")
         try:
@@ -264,14 +271,15 @@ class _OmniLMMImageProcessorMixin:
         mean, std, factor = s["image_mean"], s["image_std"], s["rescale_factor"]
         if np.size(mean) != 3 or np.size(std) != 3 or not np.all(np.asarray(std) != 0):
             raise ValueError(f"image_mean and image_std must be 3 numbers (std non-zero), got {mean!r} and {std!r}.")
-        if isinstance(factor, bool) or not isinstance(factor, (int, float, np.number)) or not factor > 0:
-            raise ValueError(f"rescale_factor must be a positive number, got {factor!r}.")
+        number = isinstance(factor, (int, float, np.number)) and not isinstance(factor, bool)
+        if not (number and math.isfinite(factor) and factor != 0):
+            raise ValueError(f"rescale_factor must be a non-zero number, got {factor!r}.")
         s["image_mean"], s["image_std"] = (tuple(float(x) for x in np.ravel(v)) for v in (mean, std))
         s.update(rescale_factor=float(factor), do_rescale=bool(s["do_rescale"]), do_normalize=bool(s["do_normalize"]))
         return s
 
     def slice_grid(self, image_size, **overrides):
-        """The `(cols, rows)` grid of an image of `image_size = (w, h)` (it takes `1 + cols * rows` spans) or None."""
+        """The `(cols, rows)` grid of an image of `image_size = (w, h)` (it takes `num_views(grid)` spans) or None."""
         s = self._settings(**overrides)
         if not s["slice_mode"]:
             return None

@@ -20,14 +20,17 @@ from PIL import Image
 from torch import nn
 from transformers import AutoProcessor, MistralForCausalLM, MistralModel, TextIteratorStreamer
 from transformers import initialization as init
-from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.models.mistral.modeling_mistral import MistralPreTrainedModel
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_omnilmm import OmniLMMConfig
+from .image_processing_omnilmm import VIDEO_SUFFIXES, num_views
 from .resampler import Resampler, get_2d_sincos_pos_embed
 
 MAX_FRAMES_WITH_SLICES = 16  # chat(): more images than this in one conversation are encoded unsliced (video)
+VISUALS = ("image", "video")  # chat(): the kinds of content parts that take spans
+VIDEO_SAMPLING = ("fps", "num_frames", "max_num_frames")  # chat(): keywords for the video processor, not `generate`
 CHAT_CACHE_SIZE = 64  # chat(): the features of this many recent views (images, tiles) are kept for later turns
 # transformers 5.24 renamed the cache argument and output field (`past_key_values` before).
 CACHE_ARG = "cache" if "cache" in inspect.signature(MistralModel.forward).parameters else "past_key_values"
@@ -176,23 +179,50 @@ class OmniLMMModel(OmniLMMPreTrainedModel, MistralModel):
         )
         self.post_init()
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """`(n, 3, H, W)` images of one size → `(n, num_query, hidden_size)` resampled features."""
-        tower = self.vision_tower
+    def vision_outputs(self, pixel_values, output_hidden_states=False, output_attentions=False) -> BaseModelOutput:
+        """The vision tower on `(n, 3, H, W)` images of one size: `last_hidden_state` `(n, 1 + h * w, embed_dim)` (the
+        class token first) and, if asked, `hidden_states` (the first block's input, then every block's output) and
+        `attentions` (every block's `(n, heads, L, L)` probabilities, computed unfused for this call)."""
+        tower, captured, hooks, fused = self.vision_tower, {"hidden_states": [], "attentions": []}, [], []
         # (Parameters are read through `parameters()`: reading an attribute gathers a ZeRO-3 partition, on this
         # process alone.) On "meta" when offloaded: accelerate's hook then moves the input.
         weight = next(tower.patch_embed.parameters())
         device = pixel_values.device if weight.device.type == "meta" else weight.device
         pixel_values = pixel_values.to(device=device, dtype=weight.dtype)
-        features = tower(pixel_values)[:, tower.num_prefix_tokens :]  # = forward_features, see build_vision_tower
+        if output_hidden_states:
+            keep = captured["hidden_states"].append
+            hooks = [tower.blocks[0].register_forward_pre_hook(lambda _, args: keep(args[0])),
+                     *(block.register_forward_hook(lambda *io: keep(io[2])) for block in tower.blocks)]
+        for block in tower.blocks if output_attentions else ():  # the probabilities go through `attn_drop`
+            fused.append((block.attn, block.attn.fused_attn))
+            block.attn.fused_attn = False
+            hooks.append(block.attn.attn_drop.register_forward_hook(lambda *io: captured["attentions"].append(io[2])))
+        try:
+            last = tower(pixel_values)  # = forward_features, see build_vision_tower
+        finally:
+            for hook in hooks:
+                hook.remove()
+            for attention, was_fused in fused:
+                attention.fused_attn = was_fused
+        return BaseModelOutput(last_hidden_state=last, **{k: tuple(v) or None for k, v in captured.items()})
+
+    def encode_images(self, pixel_values: torch.Tensor, vision_outputs=None) -> torch.Tensor:
+        """`(n, 3, H, W)` images of one size → `(n, num_query, hidden_size)` resampled features (from their
+        `vision_outputs`, when already computed)."""
+        tower = self.vision_tower
+        vision_outputs = vision_outputs or self.vision_outputs(pixel_values)
+        features = vision_outputs.last_hidden_state[:, tower.num_prefix_tokens :]
         patch_h, patch_w = tower.patch_embed.patch_size
         grid_hw = (math.ceil(pixel_values.shape[-2] / patch_h), math.ceil(pixel_values.shape[-1] / patch_w))
         return self.resampler(features.to(next(self.resampler.parameters()).dtype), grid_hw)
 
     @can_return_tuple
-    def get_image_features(self, pixel_values, **kwargs) -> BaseModelOutputWithPooling:
+    def get_image_features(self, pixel_values, output_hidden_states=False, output_attentions=False,
+                           **kwargs) -> BaseModelOutputWithPooling:
         """Images (a `(N, 3, H, W)` tensor or lists per sample of `(3, H, W)` tensors) → `pooler_output`: `(N,
-        num_query, hidden_size)` features in reading order, `config.vision_batch_size` images of a size at a time."""
+        num_query, hidden_size)` features in reading order, `config.vision_batch_size` images of a size at a time;
+        with `output_hidden_states` / `output_attentions`, the vision tower's `last_hidden_state`, `hidden_states`
+        and `attentions` too (see `vision_outputs`), stacked over the images (lists of them when sizes differ)."""
         images = flatten_images(pixel_values)
         if len(images) == 0:
             empty = next(self.resampler.parameters()).new_zeros(0, self.config.num_query, self.config.hidden_size)
@@ -200,13 +230,25 @@ class OmniLMMModel(OmniLMMPreTrainedModel, MistralModel):
         groups, chunk = defaultdict(list), self.config.vision_batch_size
         for index, image in enumerate(images):
             groups[tuple(image.shape)].append(index)
-        features = [None] * len(images)
+        features, states = [None] * len(images), [None] * len(images)
         for indices in groups.values():
             for start in range(0, len(indices), chunk):
                 batch = indices[start : start + chunk]
-                for i, feature in zip(batch, self.encode_images(torch.stack([images[i] for i in batch]))):
+                pixels = torch.stack([images[i] for i in batch])
+                outputs = self.vision_outputs(pixels, output_hidden_states, output_attentions)
+                for row, (i, feature) in enumerate(zip(batch, self.encode_images(pixels, outputs))):
                     features[i] = feature
-        return BaseModelOutputWithPooling(pooler_output=torch.stack(features))
+                    parts = (outputs.last_hidden_state, outputs.hidden_states, outputs.attentions)
+                    states[i] = [x[row] if torch.is_tensor(x) else x and tuple(y[row] for y in x) for x in parts]
+        output = BaseModelOutputWithPooling(pooler_output=torch.stack(features))
+        if output_hidden_states or output_attentions:
+            join = torch.stack if len(groups) == 1 else list
+            last, hidden, attentions = zip(*states)
+            output["last_hidden_state"] = join(last)
+            for key, per_view in (("hidden_states", hidden), ("attentions", attentions)):
+                if per_view[0] is not None:
+                    output[key] = tuple(join(layer) for layer in zip(*per_view))
+        return output
 
     def get_placeholder_mask(self, input_ids, inputs_embeds, image_features) -> torch.Tensor:
         """`(B, L, 1)` mask of the `<im_patch>` positions (from the ids, or from the embedding of `<im_patch>` when
@@ -415,32 +457,46 @@ class OmniLMMForCausalLM(OmniLMMPreTrainedModel, MistralForCausalLM):
                     samples.append(t.reshape(-1)[:: max(1, t.numel() // 64)].float().sum().to("cpu"))
         return hash((tuple(state), tuple(torch.stack(samples).tolist()) if samples else ()))
 
-    def chat_inputs(self, processor, prompts, sample_images, max_slice_nums, features=None):
-        """Token ids and image features for `chat()`'s rendered `prompts`. An image seen in an earlier turn (same
-        pixels or unchanged file, same processor settings, unchanged vision weights) is neither preprocessed nor
-        encoded again: its `<image>` expands from its cached slice grid, its features come from the cache."""
+    def chat_inputs(self, processor, prompts, sample_visuals, max_slice_nums, features=None, video_kwargs=None):
+        """Token ids and image features for `chat()`'s rendered `prompts`; `sample_visuals`: per prompt, its
+        `("image" | "video", item)` in reading order. An image or video seen in an earlier turn (same pixels or
+        unchanged file, same processor settings, unchanged vision weights; a video also sampled to the same frames in
+        the room this prompt leaves) is neither preprocessed nor encoded again: its placeholder expands from its cached
+        slice grid(s), its features come from the cache."""
         device = self.get_input_embeddings().weight.device
         device = torch.device("cpu") if device.type == "meta" else device
-        images = sample_images if any(sample_images) else None
         slicing = {} if max_slice_nums is None else {"max_slice_nums": max_slice_nums}
-        if images is None or features is not None:  # nothing to look up
-            return processor(text=prompts, images=images, return_tensors="pt", **slicing).to(device), features
+        video_kwargs = {**(video_kwargs or {}), **slicing}
+        images, videos = ([[x for k, x in visuals if k == kind] for visuals in sample_visuals] for kind in VISUALS)
+        call = {"text": prompts, "images": images if any(images) else None, "videos": videos if any(videos) else None,
+                "return_tensors": "pt", **video_kwargs}
+        if not any(sample_visuals) or features is not None:  # nothing to look up
+            return processor(**call).to(device), features
         cache = self.__dict__.setdefault("_chat_cache", OrderedDict())
-        settings = (max_slice_nums, processor.image_processor.to_json_string(), self.vision_state())
+        settings = (tuple(sorted(video_kwargs.items())), processor.image_processor.to_json_string(),
+                    processor.video_processor.to_json_string(), self.vision_state())
         limit = getattr(processor.image_processor, "max_image_pixels", None) or float("inf")
-        keys = [[image_key(image, limit, settings) for image in images] for images in sample_images]
+        keys = [[visual_key(kind, x, limit, settings) for kind, x in visuals] for visuals in sample_visuals]
         known = [[cache.get(key) if key else None for key in sample] for sample in keys]
-        if all(v is not None for sample in known for v in sample):
-            grids = [[grid for grid, _ in sample] for sample in known]
+        if all(entry is not None for sample in known for entry in sample) and all(
+            still_sampled_alike(processor, prompt, entries, video_kwargs) for prompt, entries in zip(prompts, known)
+        ):
+            grids = [[entry[0] for entry in sample] for sample in known]
             inputs = processor.expand_and_tokenize(prompts, grids, return_tensors="pt").to(device)
-            return inputs, torch.cat([views for sample in known for _, views in sample])
-        inputs = processor(text=prompts, images=images, return_tensors="pt", **slicing).to(device)
+            return inputs, torch.cat([entry[1] for sample in known for entry in sample])
+        inputs = processor(**call, return_metadata=bool(any(videos))).to(device)
         features = self.get_vision_embedding(inputs["pixel_values"])
-        grids = [grid for sample in inputs["slice_grids"] for grid in sample]
-        views = features.split([1 + (grid[0] * grid[1] if grid is not None else 0) for grid in grids])
-        for key, grid, image_views in zip([key for sample in keys for key in sample], grids, views):
+        metadata, entries = iter(inputs.get("video_metadata", [])), []
+        for visuals, grids in zip(sample_visuals, inputs["slice_grids"]):
+            grids = iter(grids)  # per image one grid, per video one per frame
+            for kind, _ in visuals:
+                meta = next(metadata) if kind == "video" else None
+                own = [next(grids) for _ in meta.frames_indices] if meta else next(grids)
+                entries.append((own, sum(map(num_views, own)) if meta else num_views(own), meta))
+        views = features.split([count for _, count, _ in entries])
+        for key, (grid, _, meta), own_views in zip([key for sample in keys for key in sample], entries, views):
             if key is not None:
-                cache[key] = (grid, image_views)
+                cache[key] = (grid, own_views, meta)
                 cache.move_to_end(key)
         while len(cache) > CHAT_CACHE_SIZE:
             cache.popitem(last=False)
@@ -454,8 +510,10 @@ class OmniLMMForCausalLM(OmniLMMPreTrainedModel, MistralForCausalLM):
         """Answer the last user message of `msgs` (or of each conversation, when `msgs` is a list of them).
 
         Content is a string (text) or a list of parts: strings are text; PIL images, `pathlib.Path`s, arrays and
-        typed parts (`{"type": "image", "image": ...}`, `{"type": "image_url", ...}`, `{"type": "video", "video":
-        frames}`) are images. Many images are a video (more than 16: one unsliced view each). `sampling=True` uses
+        typed parts (`{"type": "image", "image": ...}`, `{"type": "image_url", ...}`) are images; `{"type": "video",
+        "video": file or frames}` (also `"url"`, `"path"`, `{"type": "video_url", ...}`), a `Path` to a video file and
+        a 4-D array are videos, sampled by the processor's video processor (`fps`, `num_frames`, `max_num_frames`:
+        keywords of this call). More than 16 images are read as frames (one unsliced view each). `sampling=True` uses
         `generation_config.json`'s sampling settings, `sampling=False` greedy decoding; every other keyword goes to
         `generate`. Returns the answer (a list of `num_return_sequences` answers when more than one), a list of
         those for a batch, or with `stream=True` a generator of text pieces."""
@@ -471,10 +529,12 @@ class OmniLMMForCausalLM(OmniLMMPreTrainedModel, MistralForCausalLM):
         processor = self.chat_processor(processor, tokenizer)
         rendered = [chat_conversation(c, i, system_prompt) for c, i in zip(conversations, images)]
         prompts = processor.apply_chat_template([t for t, _ in rendered], add_generation_prompt=True, tokenize=False)
-        sample_images = [conversation_images for _, conversation_images in rendered]
-        if max(len(i) for i in sample_images) > MAX_FRAMES_WITH_SLICES:
+        sample_visuals = [visuals for _, visuals in rendered]
+        if max(sum(kind == "image" for kind, _ in visuals) for visuals in sample_visuals) > MAX_FRAMES_WITH_SLICES:
             max_slice_nums = 1
-        inputs, features = self.chat_inputs(processor, prompts, sample_images, max_slice_nums, vision_hidden_states)
+        video_kwargs = {key: generate_kwargs.pop(key) for key in VIDEO_SAMPLING if key in generate_kwargs}
+        inputs, features = self.chat_inputs(processor, prompts, sample_visuals, max_slice_nums, vision_hidden_states,
+                                            video_kwargs)
         kwargs = {"max_new_tokens": max_new_tokens, "do_sample": bool(sampling), **generate_kwargs}
         kwargs.update(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         if features is not None:
@@ -508,12 +568,12 @@ def stream_answer(model, tokenizer, generate_kwargs):
         raise errors[0]
 
 
-def content_parts(content) -> tuple[list[dict], list]:
-    """A message's content → chat-template parts and its images, in order (a video becomes its frames)."""
+def content_parts(content) -> tuple[list[dict], list[tuple[str, object]]]:
+    """A message's content → chat-template parts and its `("image" | "video", item)` in order."""
     content = [content] if isinstance(content, str) else content
     if not isinstance(content, (list, tuple)):
         raise TypeError(f"message content must be a string or a list of images and strings, got {type(content)}")
-    parts, images = [], []
+    parts, visuals = [], []
     for item in content:
         kind = item.get("type") if isinstance(item, dict) else None
         if isinstance(item, str) or kind == "text":
@@ -522,23 +582,25 @@ def content_parts(content) -> tuple[list[dict], list]:
                 raise TypeError(f"a text content part needs a string 'text', got {item!r}")
             parts.append({"type": "text", "text": text})
             continue
-        if kind == "video" or (isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim == 4):
-            frames = list(item.get("video", item.get("path")) if kind == "video" else item)
-        elif isinstance(item, dict):
-            value = item.get("image", item.get("image_url", item.get("url", item.get("path"))))
-            frames = [value.get("url") if isinstance(value, dict) else value]
+        if isinstance(item, dict):
+            kind = "video" if kind in ("video", "video_url") else "image"
+            value = next((item[k] for k in (kind, f"{kind}_url", "url", "path") if item.get(k) is not None), None)
+            value = value.get("url") if isinstance(value, dict) else value
         else:
-            frames = [item]
-        if any(frame is None for frame in frames) or not frames:
-            raise TypeError(f"cannot read an image or a text from the content part {item!r}")
-        parts.extend({"type": "image"} for _ in frames)
-        images.extend(frames)
-    return parts, images
+            is_video = (isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim == 4) or (
+                isinstance(item, os.PathLike) and os.fspath(item).lower().endswith(VIDEO_SUFFIXES))
+            kind, value = "video" if is_video else "image", item
+        if value is None:
+            raise TypeError(f"cannot read an image, a video or a text from the content part {item!r}")
+        parts.append({"type": kind})
+        visuals.append((kind, value))
+    return parts, visuals
 
 
 def chat_conversation(msgs, image=None, system_prompt=None) -> tuple[list[dict], list]:
-    """`chat()`'s messages → a chat-template conversation and its images in order. `image` takes the place of an
-    `<image>` written in the first user message, else goes in front of it; `system_prompt` goes first."""
+    """`chat()`'s messages → a chat-template conversation and its `("image" | "video", item)` in order. `image` takes
+    the place of an `<image>` written in the first user message, else goes in front of it; `system_prompt` goes
+    first."""
     if not isinstance(msgs, (list, tuple)) or not msgs or not all(isinstance(m, dict) for m in msgs):
         raise ValueError("msgs must be a non-empty list of {'role': ..., 'content': ...} messages (or a list of them)")
     for message in msgs:
@@ -561,27 +623,42 @@ def chat_conversation(msgs, image=None, system_prompt=None) -> tuple[list[dict],
         msgs[first_user] = {**msgs[first_user], "content": content}
     if system_prompt is not None and msgs[0]["role"] != "system":
         msgs.insert(0, {"role": "system", "content": system_prompt})
-    conversation, images = [], []
+    conversation, visuals = [], []
     for message in msgs:
-        parts, message_images = content_parts(message["content"])
+        parts, message_visuals = content_parts(message["content"])
         conversation.append({"role": message["role"], "content": parts})
-        images.extend(message_images)
-    return conversation, images
+        visuals.extend(message_visuals)
+    return conversation, visuals
 
 
-def image_key(image, max_pixels, settings) -> tuple | None:
-    """A cache key for an image given to `chat()` (a PIL image's pixels, or a file's path, size and mtime, with the
-    settings); `None` (processed every time) for anything else and for images the processor would refuse."""
+def visual_key(kind, item, max_pixels, settings) -> tuple | None:
+    """A cache key for an image or video given to `chat()`: a PIL image's pixels (a video's: each frame's), or a
+    file's path, size and mtime, with the settings; `None` (processed every time) for anything else and for images
+    the processor would refuse."""
     try:
-        if isinstance(image, Image.Image) and image.width * image.height <= max_pixels:
-            exif = image.getexif().get(0x0112)  # the orientation tag
-            return "pixels", image.mode, image.size, exif, hashlib.sha1(image.tobytes()).hexdigest(), settings
-        if isinstance(image, (str, os.PathLike)) and os.path.isfile(image):
-            stat = os.stat(image)
-            return "file", os.path.abspath(image), stat.st_size, stat.st_mtime_ns, settings
+        if isinstance(item, (str, os.PathLike)) and os.path.isfile(item):
+            stat = os.stat(item)
+            return kind, "file", os.path.abspath(item), stat.st_size, stat.st_mtime_ns, settings
+        frames = [item] if kind == "image" else item
+        if isinstance(frames, (list, tuple)) and frames and all(
+            isinstance(x, Image.Image) and x.width * x.height <= max_pixels for x in frames
+        ):
+            digests = tuple((x.mode, x.size, x.getexif().get(0x0112), hashlib.sha1(x.tobytes()).hexdigest())
+                            for x in frames)  # (0x0112: the EXIF orientation tag)
+            return kind, "pixels", digests, settings
     except (OSError, ValueError):  # closed, truncated or corrupt: the processor names the problem
         return None
     return None
+
+
+def still_sampled_alike(processor, prompt, entries, video_kwargs) -> bool:
+    """Whether the cached videos among a prompt's cached `entries` (image: `(grid, views, None)`; video: `(grids,
+    views, metadata)`) would be sampled to the same frames, sliced alike, in the room this prompt leaves for them."""
+    if all(meta is None for _, _, meta in entries):
+        return True
+    room = processor.video_views(prompt, [grid for grid, _, meta in entries if meta is None])
+    return all(meta is None or processor.video_processor.plan(meta, room, **video_kwargs) ==
+               (list(meta.frames_indices), grids[0] is not None) for grids, _, meta in entries)
 
 
 __all__ = ["OmniLMMPreTrainedModel", "OmniLMMModel", "OmniLMMForCausalLM"]

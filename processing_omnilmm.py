@@ -8,16 +8,21 @@ import numpy as np
 
 from transformers import image_utils, processing_utils
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.processing_utils import MultiModalData, ProcessingKwargs, ProcessorMixin
+from transformers.image_utils import ImageInput
+from transformers.processing_utils import MultiModalData, ProcessingKwargs, ProcessorMixin, Unpack
+from transformers.tokenization_utils_base import TextInput
+from transformers.video_utils import VideoInput
 from transformers.utils import logging
 
-from .image_processing_omnilmm import OmniLMMImageProcessorKwargs
+from .image_processing_omnilmm import OmniLMMImageProcessorKwargs, _is_count, num_views
+from .video_processing_omnilmm import OmniLMMVideoProcessor, OmniLMMVideoProcessorKwargs
 
 
 logger = logging.get_logger(__name__)
 SPAN_TOKENS = ("<im_patch>", "<im_start>", "<im_end>")
-MAX_SLICED_VIDEO_FRAMES = 16
+NEWLINE_TOKENS = 2  # "\n" after a span token is "▁" + "\n" (frames and rows of tiles are joined by it)
 MM_FLAGS = ("return_mm_token_type_ids", "return_text_replacement_offsets")  # 5.17: text kwargs
+MM_TYPES = {"image": 1, "video": 2}  # mm_token_type_ids of a span's tokens
 VISUAL_KEYS = ("pixel_values", "image_sizes", "slice_grids")
 SLICE_SETTINGS = ("slice_mode", "max_slice_nums", "scale_resolution", "patch_size", "never_split")
 _UNMARKED = getattr(processing_utils, "_UNMARKED", "")  # a placeholder marked as user text is not one
@@ -25,6 +30,7 @@ _UNMARKED = getattr(processing_utils, "_UNMARKED", "")  # a placeholder marked a
 
 class OmniLMMProcessorKwargs(ProcessingKwargs, total=False):
     images_kwargs: OmniLMMImageProcessorKwargs
+    videos_kwargs: OmniLMMVideoProcessorKwargs
     _defaults = {"text_kwargs": {"padding": True, "padding_side": "left", "return_tensors": "pt"}}
 
 
@@ -32,28 +38,21 @@ def _is_array(value):
     return isinstance(value, np.ndarray) or type(value).__module__.startswith("torch")
 
 
-def _depth(x):  # 0: an image, 1: a list of images (a video), 2: a list of those, ...
+def _depth(x, leaf):  # 0: an image, 1: a video (its frames, a 4-D array, or a file: `leaf`), 2: a list of those, ...
+    if isinstance(x, (str, os.PathLike, bytes)):  # a file: an image (`leaf=0`) or a video (`leaf=1`)
+        return leaf
     if _is_array(x) or not isinstance(x, (list, tuple)):
         return int(_is_array(x) and x.ndim == 4)
-    first = next((y for y in x if y is not None), None)
-    return 1 + (int(len(x) > 0) if first is None else _depth(first))
+    first = next((y for y in x if y is not None and not (isinstance(y, (list, tuple)) and not y)), None)
+    return 1 + (int(len(x) > 0) if first is None else _depth(first, leaf))
 
 
 def _per_prompt(items, leaf):
     """(a flat list, False) or (a list per prompt of lists, True) of images (`leaf=0`) or videos (`leaf=1`)."""
-    depth = 0 if isinstance(items, (str, os.PathLike)) else _depth(items)
+    depth = _depth(items, leaf)
     if depth <= leaf and not (isinstance(items, (list, tuple)) and not items):
         return [items], False
     return (list(items), False) if depth <= leaf + 1 else ([list(x or []) for x in items], True)
-
-
-def _frames(video):
-    if isinstance(video, (str, os.PathLike)):
-        raise TypeError(f"Videos are given as their frames (a list of images or a 4-D array); video files such as "
-                        f"{os.fspath(video)!r} are not decoded here.")
-    if not (_is_array(video) and video.ndim == 4 or isinstance(video, (list, tuple))) or not len(video):
-        raise ValueError("A video must be a non-empty list of frames or a 4-D array (frames first).")
-    return list(video)
 
 
 def _fetch(image):  # http(s) URLs are fetched here; the image processor reads files only
@@ -62,10 +61,11 @@ def _fetch(image):  # http(s) URLs are fetched here; the image processor reads f
 
 def _distribute(items, counts, what, placeholder):
     """`items` (None, flat in placeholder order, or per prompt) as one list per prompt, checked against `counts`."""
-    rule = f"the number of {placeholder} placeholders must equal the number of {what}."
+    rule = f"the number of {placeholder} tokens in the prompts should be the same as the number of {what} passed."
     items, nested = ([], False) if items is None else _per_prompt(items, what == "videos")
     if nested and len(items) != len(counts):
-        raise ValueError(f"`{what}` has {len(items)} lists (one per prompt) but there are {len(counts)} prompts.")
+        raise ValueError(f"`{what}` has {len(items)} lists (one per prompt) but there are {len(counts)} prompts: "
+                         f"{rule}")
     for i, (sample, count) in enumerate(zip(items, counts) if nested else ()):
         if len(sample) != count:
             raise ValueError(f"Prompt {i} has {count} {placeholder} placeholder(s) but {len(sample)} {what} were "
@@ -96,16 +96,22 @@ class OmniLMMProcessor(ProcessorMixin):
     text_kwargs = OmniLMMProcessorKwargs._defaults["text_kwargs"]
     skip_tensor_conversion = ["video_metadata", "text_replacement_offsets", *VISUAL_KEYS]  # ragged lists
     image_token, video_token = "<image>", "<video>"
-    model_input_names = ["input_ids", "attention_mask", "pixel_values"]
+    model_input_names = ["input_ids", "attention_mask", *VISUAL_KEYS]
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, num_query=256, **kwargs):
+    def __init__(self, image_processor=None, tokenizer=None, video_processor=None, chat_template=None, num_query=256,
+                 max_position_embeddings=None, **kwargs):
+        """`video_processor`: by default one with the image processor's settings. `max_position_embeddings`: the
+        model's context (None: unknown); videos are sampled to fit in what a prompt leaves of it."""
         if kwargs:
             logger.warning_once(f"OmniLMMProcessor ignores the unknown arguments {sorted(kwargs)}.")
-        if isinstance(num_query, bool) or not isinstance(num_query, int) or num_query < 1:
-            raise ValueError(f"num_query must be a positive integer, got {num_query!r}")
-        self.num_query = num_query
+        for name, value in (("num_query", num_query), ("max_position_embeddings", max_position_embeddings)):
+            if (value is not None or name == "num_query") and not _is_count(value):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.num_query, self.max_position_embeddings = num_query, max_position_embeddings
+        if video_processor is None and image_processor is not None:
+            video_processor = OmniLMMVideoProcessor.from_image_processor(image_processor)
         chat_template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
-        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+        super().__init__(image_processor, tokenizer, video_processor, chat_template=chat_template)
         ids = [self.tokenizer.convert_tokens_to_ids(token) for token in SPAN_TOKENS]
         if any(i is None or i == self.tokenizer.unk_token_id for i in ids):
             raise ValueError(f"The tokenizer lacks one of {SPAN_TOKENS}; OmniLMM needs them as added tokens.")
@@ -125,16 +131,21 @@ class OmniLMMProcessor(ProcessorMixin):
     def replace_video_token(self, video_inputs: dict, video_idx: int, **kwargs) -> str:
         return "\n".join(self.image_placeholder(g) for g in video_inputs["slice_grids"][video_idx])
 
-    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs):
-        """Image-span tokens and views per image of `image_sizes` (`(height, width)`, as transformers' callers
-        give them), from the slicing geometry alone; `kwargs` as for `__call__` (e.g. `max_slice_nums`)."""
-        if image_sizes is None:
-            return MultiModalData()
-        images_kwargs = self._merge(kwargs)["images_kwargs"]
-        overrides = {k: images_kwargs[k] for k in SLICE_SETTINGS if images_kwargs.get(k) is not None}
-        grids = [self.image_processor.slice_grid((int(w), int(h)), **overrides) for h, w in image_sizes]
-        views = [1 + (g[0] * g[1] if g else 0) for g in grids]
-        return MultiModalData(num_image_tokens=[n * (self.num_query + 2) for n in views], num_image_patches=views)
+    def _get_num_multimodal_tokens(self, image_sizes=None, video_sizes=None, **kwargs):
+        """Image-span tokens and views per image of `image_sizes` (`(height, width)`, as transformers' callers give
+        them) and per video of `video_sizes` (`(num_frames, height, width)`, frames as sampled), from the slicing
+        geometry alone; `kwargs` as for `__call__` (e.g. `max_slice_nums`)."""
+        merged, data = self._merge(kwargs), {}
+        if image_sizes is not None:
+            slicing = {key: merged["images_kwargs"].get(key) for key in SLICE_SETTINGS}  # (None: the processor's)
+            views = [num_views(self.image_processor.slice_grid((int(w), int(h)), **slicing)) for h, w in image_sizes]
+            data.update(num_image_tokens=[n * (self.num_query + 2) for n in views], num_image_patches=views)
+        if video_sizes is not None:
+            slicing = {key: merged["videos_kwargs"].get(key) for key in (*SLICE_SETTINGS, "max_sliced_frames")}
+            grids = [self.video_processor.frame_grid(int(n), (int(w), int(h)), **slicing) for n, h, w in video_sizes]
+            views = [int(n) * num_views(grid) for (n, _, _), grid in zip(video_sizes, grids)]
+            data["num_video_tokens"] = [n * (self.num_query + 2) for n in views]
+        return MultiModalData(**data)
 
     def _merge(self, kwargs):
         for value in (kwargs.get("max_length"), (kwargs.get("text_kwargs") or {}).get("max_length")):
@@ -153,12 +164,14 @@ class OmniLMMProcessor(ProcessorMixin):
         kinds = f" of {sorted({type(t).__name__ for t in text})}" if isinstance(text, (list, tuple)) else ""
         raise TypeError(f"`text` must be a string or a list of strings, got {type(text).__name__}{kinds}")
 
-    def __call__(self, images=None, text=None, videos=None, **kwargs) -> BatchFeature:
+    def __call__(self, images: ImageInput | None = None, text: TextInput | list[TextInput] | None = None,
+                 videos: VideoInput | None = None, **kwargs: Unpack[OmniLMMProcessorKwargs]) -> BatchFeature:
         """`images`: one image (PIL, array, tensor, path or http(s) URL), a flat list (given to the prompts in the
-        order of their `<image>` placeholders) or a list per prompt of lists; `videos` likewise, a video being its
-        frames. `kwargs` (flat or as `text_kwargs=` / `images_kwargs=`): tokenizer and image options. Returns
-        `input_ids`, `attention_mask` (left padded) and `pixel_values` (per prompt, the `(3, H, W)` views in span
-        order), `image_sizes` (`(w, h)`), `slice_grids` (`(cols, rows)` or `None`)."""
+        order of their `<image>` placeholders) or a list per prompt of lists; `videos` likewise, a video being a file
+        (path, URL, bytes) or its frames. `kwargs` (flat or as `text_kwargs=` / `images_kwargs=` / `videos_kwargs=`):
+        tokenizer, image and video options. Returns `input_ids`, `attention_mask` (left padded) and `pixel_values`
+        (per prompt, the `(3, H, W)` views of its images and video frames in span order), `image_sizes` (`(w, h)`),
+        `slice_grids` (`(cols, rows)` or `None`)."""
         if kwargs.pop("audio", None) is not None:
             raise ValueError("OmniLMM does not take audio.")
         if text is None and (images is None or videos is not None):
@@ -167,28 +180,68 @@ class OmniLMMProcessor(ProcessorMixin):
         if text is None:  # image features only: a flat list is one image per sample
             flat, nested = _per_prompt(images, 0)
             kinds = [[self.image_token] * (len(x) if nested else 1) for x in flat]
-            return BatchFeature(self._process_visuals(kinds, images, None, merged["images_kwargs"])[0])
+            return BatchFeature(self._process_visuals([""] * len(kinds), kinds, images, None, merged)[0])
         texts, kinds = self._prompts(text)
-        visuals, grids = self._process_visuals(kinds, images, videos, merged["images_kwargs"])
+        visuals, grids = self._process_visuals(texts, kinds, images, videos, merged)
         out = self._text_inputs(texts, kinds, grids, merged)
         out.update(visuals if images is not None or videos is not None else {})
         return out
 
-    def _process_visuals(self, kinds, images, videos, images_kwargs):
-        """Per prompt, the image processor's outputs in span order and, per placeholder, its slice grid(s)."""
-        left = {}
+    def _process_visuals(self, texts, kinds, images, videos, merged):
+        """Per prompt, the views of its images and video frames in span order (with `image_sizes`, `slice_grids`)
+        and, per placeholder, its slice grid (an image) or its frames' grids (a video). Images go first: what they
+        and the text take of the context decides how many frames a prompt's videos may have."""
+        given = {}
         for token, items, what in ((self.image_token, images, "images"), (self.video_token, videos, "videos")):
-            left[token] = [iter(x) for x in _distribute(items, [k.count(token) for k in kinds], what, token)]
-        visuals, grids = {key: [[] for _ in kinds] for key in VISUAL_KEYS}, [[] for _ in kinds]
-        for s, sample_kinds in enumerate(kinds):
-            for kind in sample_kinds:
-                frames = [next(left[kind][s])] if kind == self.image_token else _frames(next(left[kind][s]))
-                few = {"max_slice_nums": 1} if len(frames) > MAX_SLICED_VIDEO_FRAMES else {}
-                out = self.image_processor([[_fetch(frame) for frame in frames]], **{**images_kwargs, **few})
-                for key in VISUAL_KEYS:
-                    visuals[key][s] += out[key][0]
-                grids[s].append(out["slice_grids"][0][0] if kind == self.image_token else out["slice_grids"][0])
-        return visuals, grids
+            given[token] = [iter(x) for x in _distribute(items, [k.count(token) for k in kinds], what, token)]
+        outputs = [[None] * len(k) for k in kinds]  # per prompt, per placeholder: (views, sizes, grids, grid(s))
+        for s, i in ((s, i) for s, k in enumerate(kinds) for i, kind in enumerate(k) if kind == self.image_token):
+            out = self.image_processor([[_fetch(next(given[self.image_token][s]))]], **merged["images_kwargs"])
+            outputs[s][i] = (*(out[key][0] for key in VISUAL_KEYS), out["slice_grids"][0][0])
+        metadata, room = [], {}  # room: per prompt, the views each of its videos may take
+        for s, i in ((s, i) for s, k in enumerate(kinds) for i, kind in enumerate(k) if kind == self.video_token):
+            if s not in room:
+                image_grids = [out[3] for kind, out in zip(kinds[s], outputs[s]) if kind == self.image_token]
+                room[s] = self._video_views(texts[s], image_grids, merged)
+            max_views = room[s]
+            video = next(given[self.video_token][s])
+            out = self.video_processor(video, **merged["videos_kwargs"], max_views=max_views)
+            frames, height, width = out["video_sizes"][0]
+            grids = out["video_slice_grids"][0]
+            outputs[s][i] = (out["pixel_values_videos"][0], [(width, height)] * frames, grids, grids)
+            metadata += out.get("video_metadata", [])
+        visuals = {key: [[x for out in row for x in out[n]] for row in outputs] for n, key in enumerate(VISUAL_KEYS)}
+        if merged["videos_kwargs"].get("return_metadata"):
+            visuals["video_metadata"] = metadata  # one per video, in reading order
+        return visuals, [[out[3] for out in row] for row in outputs]
+
+    def video_views(self, text: str, image_grids=(), **kwargs) -> int | None:
+        """The most views (one per unsliced frame; overview + tiles per sliced one) each `<video>` of the prompt
+        `text` may take: what its text and images (`image_grids`, per `<image>` in order) leave of the context
+        (`max_length` when truncating, else `max_position_embeddings`), shared equally. None: no limit known."""
+        return self._video_views(text, list(image_grids), self._merge(kwargs))
+
+    def _video_views(self, text, image_grids, merged):
+        text_kwargs = merged["text_kwargs"]
+        truncating = text_kwargs.get("truncation") not in (None, False, "do_not_truncate")
+        context = text_kwargs.get("max_length") if truncating else None
+        context = context or self.max_position_embeddings
+        if context is None:
+            return None
+        pattern = f"{_UNMARKED}{re.escape(self.video_token)}"
+        rest = self.expand_and_tokenize(re.sub(pattern, "", text), [list(image_grids)], return_tensors=None)
+        room, videos = context - len(rest["input_ids"][0]), len(re.findall(pattern, text))
+        views = room // videos // (self.num_query + 2 + NEWLINE_TOKENS)
+        if views < 1:
+            raise ValueError(f"The prompt's text and images take {context - room} of the {context} tokens of the "
+                             f"context, which leaves no room for its {videos} video(s) (a frame takes at least "
+                             f"{self.num_query + 2} tokens): shorten the prompt, or raise max_length.")
+        requested = merged["videos_kwargs"].get("num_frames")
+        if requested is not None and requested > views:
+            raise ValueError(f"num_frames={requested} frames take at least {requested * (self.num_query + 2)} tokens, "
+                             f"but the prompt leaves room for {views} frames per video ({room} of the {context} "
+                             "tokens of the context): lower num_frames, or shorten the prompt.")
+        return views
 
     def expand_and_tokenize(self, text, slice_grids=None, **kwargs) -> BatchFeature:
         """The text half of `__call__`, without pixels: expand `text` and tokenise it exactly as `__call__` does
@@ -218,7 +271,9 @@ class OmniLMMProcessor(ProcessorMixin):
             rows = zip(data["offset_mapping"], offsets)
             data["offset_mapping"] = [[_source_span(o, r) for o in row] for row, r in rows]
         if return_mm:
-            data["mm_token_type_ids"] = self.create_mm_token_type_ids(data["input_ids"])
+            span_types = [[MM_TYPES[r["type"]] for r in row for _ in range(r["replacement"].count(SPAN_TOKENS[1]))]
+                          for row in offsets]
+            data["mm_token_type_ids"] = self.create_mm_token_type_ids(data["input_ids"], span_types)
         return BatchFeature(data, tensor_type=text_kwargs.get("return_tensors"),
                             skip_tensor_conversion=self.skip_tensor_conversion)
 
@@ -271,6 +326,21 @@ class OmniLMMProcessor(ProcessorMixin):
                              f"the {side}) would cut through the image spans. The images alone need {len(image)} "
                              "tokens: raise max_length, shorten the text, or use fewer slices (max_slice_nums).")
         return ids[keep], offsets[keep] if offsets is not None else None
+
+    def create_mm_token_type_ids(self, input_ids, span_types=None) -> list[list[int]]:
+        """Per token 0 (text), 1 (an image's span) or 2 (a video frame's span). Image and video spans are made of the
+        same tokens: `span_types` (per prompt, per span in reading order) tells them apart; without it, all are 1."""
+        rows = []
+        for i, ids in enumerate(input_ids):
+            ids = ids.tolist() if _is_array(ids) else list(ids)
+            spans = iter(span_types[i] if span_types is not None else [])
+            kind, types = 1, []
+            for token in ids:
+                if token == self.im_start_token_id:
+                    kind = next(spans, 1)
+                types.append(kind if token in self.image_token_ids else 0)
+            rows.append(types)
+        return rows
 
     def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens=True, **kwargs):
         """`generate`'s output as a list of strings (a batch) or a string (one sequence), image spans dropped."""

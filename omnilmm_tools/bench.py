@@ -15,7 +15,12 @@ and reports medians and the median of the per-repetition ratios, next to its tar
 7. serving (needs vLLM: `.venv-vllm`): 32 image+text prompts through vLLM's offline engine against one batched
    `generate`, same folder, same greedy tokens.
 8. weight-only quantization (optimum-quanto): resident memory and decode speed of int8 and int4 against bf16, the
-   greedy tokens' agreement and the logit drift.
+   greedy tokens' agreement and the logit drift;
+9. video (`omnilmm_tools.bench_video`, needs PyAV): decoding and sampling a 3-minute 720p clip to 64 frames against
+   decoding every frame (and MiniCPM-V's decord recipe, vLLM's OpenCV loader, where installed), and the tokens and
+   vision encoding time a second of video costs;
+10. the web demo (`omnilmm_tools.bench_demo`, needs Gradio, Playwright and chromium): an answer through the page in
+   headless Chromium against `chat()` called directly.
 
 The model is random (no download), at the sizes of `--preset` (see `PRESETS`; `--smoke` = tiny, seconds).
 """
@@ -67,8 +72,9 @@ PRESETS = {
         ),
         "photos": [(320, 240), (800, 600)],
         "tile_image": (640, 480),
-        "reps": dict(preprocess=1, vision=1, overhead=1, multiturn=1, batched=1, load=1, serving=1, quantize=1),
-        "new_tokens": dict(overhead=2, multiturn=2, batched=2, serving=2, quantize=2),
+        "reps": dict(preprocess=1, vision=1, overhead=1, multiturn=1, batched=1, load=1, serving=1, quantize=1,
+                     video=1, demo=1),
+        "new_tokens": dict(overhead=2, multiturn=2, batched=2, serving=2, quantize=2, demo=4),
     },
     # CPU (2 cores): the real Mistral head dim (128) and EVA patch/grid, at half the real widths and one layer,
     # so that the whole run fits in 15 minutes; the converted checkpoint has the real widths.
@@ -91,8 +97,9 @@ PRESETS = {
         ),
         "photos": [(1600, 1200), (4000, 3000)],
         "tile_image": (1600, 1200),
-        "reps": dict(preprocess=5, vision=4, overhead=7, multiturn=6, batched=2, load=5, serving=2, quantize=2),
-        "new_tokens": dict(overhead=24, multiturn=8, batched=32, serving=32, quantize=8),
+        "reps": dict(preprocess=5, vision=4, overhead=7, multiturn=6, batched=2, load=5, serving=2, quantize=2,
+                     video=2, demo=3),
+        "new_tokens": dict(overhead=24, multiturn=8, batched=32, serving=32, quantize=8, demo=64),
     },
     # GPU: the real widths (EVA 1792, Mistral 4096) with a few layers.
     "gpu": {
@@ -113,8 +120,9 @@ PRESETS = {
         ),
         "photos": [(1600, 1200), (4000, 3000)],
         "tile_image": (1600, 1200),
-        "reps": dict(preprocess=5, vision=5, overhead=5, multiturn=5, batched=3, load=3, serving=3, quantize=3),
-        "new_tokens": dict(overhead=64, multiturn=32, batched=64, serving=64, quantize=32),
+        "reps": dict(preprocess=5, vision=5, overhead=5, multiturn=5, batched=3, load=3, serving=3, quantize=3,
+                     video=2, demo=3),
+        "new_tokens": dict(overhead=64, multiturn=32, batched=64, serving=64, quantize=32, demo=128),
     },
 }
 NUM_QUERY = 64  # MiniCPM-V-style slicing models: 64 tokens per tile
@@ -508,7 +516,8 @@ def bench_multiturn(bench: Bench, model, processor):
 
     def prompt_length(msgs, with_image):
         modeling = remote_module("modeling_omnilmm")
-        conversation, images = modeling.chat_conversation(msgs)
+        conversation, visuals = modeling.chat_conversation(msgs)
+        images = [image for _, image in visuals]
         text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
         return processor(text=[text], images=[images] if with_image else None)["input_ids"].shape[1]
 
@@ -1047,7 +1056,8 @@ def describe(sizes):
     )
 
 
-COMPARISONS = ("preprocess", "vision", "overhead", "multiturn", "batched", "convert", "quantize", "serving")
+COMPARISONS = ("preprocess", "vision", "overhead", "multiturn", "batched", "convert", "quantize", "video", "demo",
+               "serving")
 DEFAULT_COMPARISONS = COMPARISONS[:-1]  # serving needs vLLM's environment: `--only serving` there
 
 
@@ -1109,8 +1119,14 @@ def main(argv=None) -> int:
             bench_batched(bench, model, processor)
         del model
         gc.collect()
+    if "video" in selected:
+        from .bench_video import bench_video
+
+        bench_video(bench, preset_name)
+    from .bench_demo import bench_demo
+
     for name, run_in_workdir in (("convert", bench_convert_and_load), ("quantize", bench_quantization),
-                                 ("serving", bench_serving)):
+                                 ("demo", bench_demo), ("serving", bench_serving)):
         if name in selected:
             workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="omnilmm-bench-"))
             workdir.mkdir(parents=True, exist_ok=True)

@@ -30,15 +30,25 @@ def fail(prog: str, message) -> None:
     sys.exit(f"{prog}: error: {message}")
 
 
+def positive(text: str, number: type, what: str):
+    """`text` as a `number` above 0, or an argparse error saying it must be `what`."""
+    try:
+        value = number(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
-    return value
+    return positive(text, int, "an integer >= 1")
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a number > 0."""
+    return positive(text, float, "a number > 0")
 
 
 def torch_device(text: str) -> str:

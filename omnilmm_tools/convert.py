@@ -291,7 +291,8 @@ def write_processor(src: Path, dst: Path, config, added_tokens: dict, tokenizer_
                          f"image tokens, more than the model's vocabulary of {config.vocab_size}: it is not this "
                          "model's tokenizer")
     processor = remote_module("processing_omnilmm").OmniLMMProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, num_query=config.num_query
+        image_processor=image_processor, tokenizer=tokenizer, num_query=config.num_query,
+        max_position_embeddings=config.max_position_embeddings,
     )
     save_processor(processor, dst)
     return True

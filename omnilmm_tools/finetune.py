@@ -5,9 +5,10 @@ The data (MiniCPM-V's fine-tuning format) is one JSON list of samples
 "content": "<image>\\nWhat is this?"}, {"role": "assistant", "content": "..."}, ...]}``:
 several images per sample and several turns are fine. Images are placed where their placeholder is: ``<image>``, or
 for a dict of images its keys (``<image_00>`` ...) written in the text; a single image with no placeholder goes in
-front of the first user message (as MiniCPM-V's trainer does). Each image goes through the processor (slicing
-included), the conversation through the chat template (Zephyr's), and only the assistant tokens and their closing
-``</s>`` carry labels.
+front of the first user message (as MiniCPM-V's trainer does). Videos likewise: ``"video": "clip.mp4" | {...} |
+[...]`` at ``<video>`` (or ``<video_00>`` ...) placeholders, decoded and sampled by the processor (``--video-fps``,
+``--max-num-frames``). Each image goes through the processor (slicing included), the conversation through the chat
+template (Zephyr's), and only the assistant tokens and their closing ``</s>`` carry labels.
 
 Training is the Hugging Face `Trainer` (progress bars, logging, checkpoints, DeepSpeed, multi-process): run it
 under ``torchrun --nproc_per_node N`` or ``accelerate launch`` for several processes (CPU: gloo). The global batch is
@@ -33,13 +34,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from .cli import Parser, positive_int
+from .cli import Parser, positive_float, positive_int
 from .remote import remote_module
 from .tokenizer import save_processor
 
 IGNORE_INDEX = -100
-IMAGE_PLACEHOLDER = "<image>"
-NUMBERED_PLACEHOLDER = re.compile(r"<image_\d+>")
+VISUALS = ("image", "video")  # what a sample may give (`"image"` / `"video"`), placed at `<image>` / `<video>`
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 ROLE_ALIASES = {"human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant", "system": "system"}
 
@@ -63,13 +63,14 @@ def say(message: str, all_ranks: bool = False) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Samples: JSON → messages with <image> placeholders + image paths in placeholder order
+# Samples: JSON → messages with <image> / <video> placeholders + file paths in placeholder order
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def parse_sample(sample: dict, base_dir: Path) -> tuple[list[dict], list[Path]]:
-    """One sample (MiniCPM-V's format) → `(messages, image_paths)`. The messages' user contents hold one ``<image>`` per image, in
-    the order of `image_paths`. Raises `BadSample` naming the sample's id for anything that cannot be trained on."""
+def parse_sample(sample: dict, base_dir: Path) -> tuple[list[dict], dict[str, list[Path]]]:
+    """One sample (MiniCPM-V's format) → `(messages, {"image": paths, "video": paths})`. The messages' user contents
+    hold one ``<image>`` per image and one ``<video>`` per video, in the order of the paths. Raises `BadSample` naming
+    the sample's id for anything that cannot be trained on."""
     sample_id = sample.get("id", "?") if isinstance(sample, dict) else "?"
     if not isinstance(sample, dict):
         raise BadSample(sample_id, f"a sample must be a JSON object, got {type(sample).__name__}")
@@ -95,32 +96,56 @@ def parse_sample(sample: dict, base_dir: Path) -> tuple[list[dict], list[Path]]:
         raise BadSample(sample_id, "the conversation must end with an assistant turn")
     messages = system + rest
     for message in messages:
-        if message["role"] == "assistant" and (IMAGE_PLACEHOLDER in message["content"] or NUMBERED_PLACEHOLDER.search(message["content"])):
-            raise BadSample(sample_id, "an assistant turn holds an image placeholder")
+        for kind in VISUALS:
+            if message["role"] == "assistant" and (f"<{kind}>" in message["content"] or numbered(kind).search(
+                    message["content"])):
+                raise BadSample(sample_id, f"an assistant turn holds an {kind} placeholder")
+    files = {kind: place_files(sample_id, messages, sample.get(kind, sample.get(f"{kind}s")), kind)
+             for kind in VISUALS}
+    resolved = {kind: [] for kind in VISUALS}
+    for kind, paths in files.items():
+        for path in paths:
+            if not isinstance(path, str):
+                raise BadSample(sample_id, f"{kind} paths must be strings, got {path!r}")
+            full = Path(path) if os.path.isabs(path) else base_dir / path
+            if not full.is_file():
+                raise BadSample(sample_id, f"{kind} file {str(full)!r} does not exist")
+            resolved[kind].append(full)
+    return messages, resolved
 
-    image = sample.get("image", sample.get("images"))
-    if image is None or image == {} or image == []:
-        images = {}
-    elif isinstance(image, str):
-        images = {IMAGE_PLACEHOLDER: image}
-    elif isinstance(image, dict):
-        images = dict(image)
-    elif isinstance(image, list):
-        images = {f"<image_{i:02d}>": path for i, path in enumerate(image)}
+
+def numbered(kind: str) -> re.Pattern:
+    return re.compile(rf"<{kind}_\d+>")
+
+
+def place_files(sample_id, messages: list[dict], given, kind: str) -> list:
+    """A sample's `kind` files ("image" or "video": a path, a dict placeholder -> path, or a list) in the order of
+    their placeholders, which become `<image>` / `<video>` in `messages`: ``<kind>`` placeholders take the files in the
+    order given, numbered keys (``<image_00>`` ...) written in the text take theirs, and a single file with no
+    placeholder goes in front of the first user message (as MiniCPM-V's trainer does)."""
+    placeholder = f"<{kind}>"
+    if given is None or given == {} or given == []:
+        files = {}
+    elif isinstance(given, str):
+        files = {placeholder: given}
+    elif isinstance(given, dict):
+        files = dict(given)
+    elif isinstance(given, list):
+        files = {f"<{kind}_{i:02d}>": path for i, path in enumerate(given)}
     else:
-        raise BadSample(sample_id, f"'image' must be a path, a dict of placeholder -> path or a list, got {type(image).__name__}")
-
-    paths: list[Path] = []
-    keys = [key for key in images if key != IMAGE_PLACEHOLDER]
+        raise BadSample(sample_id, f"'{kind}' must be a path, a dict of placeholder -> path or a list, got "
+                                   f"{type(given).__name__}")
+    paths: list = []
+    keys = [key for key in files if key != placeholder]
     keyed_in_text = [key for key in keys if any(key in m["content"] for m in messages)]
     if keyed_in_text:  # "<image_00>"-style placeholders written in the text: each key once, in order of appearance
         if len(keyed_in_text) != len(keys):
             missing = [key for key in keys if key not in keyed_in_text]
-            raise BadSample(sample_id, f"images {missing} have no placeholder in the conversation")
+            raise BadSample(sample_id, f"{kind}s {missing} have no placeholder in the conversation")
         found = []
         for index, message in enumerate(messages):
-            if IMAGE_PLACEHOLDER in message["content"]:
-                raise BadSample(sample_id, "it mixes <image> with <image_NN> placeholders")
+            if placeholder in message["content"]:
+                raise BadSample(sample_id, f"it mixes {placeholder} with <{kind}_NN> placeholders")
             for key in keys:
                 count = message["content"].count(key)
                 if count > 1 or (count and any(key in m["content"] for m in messages[index + 1 :])):
@@ -128,30 +153,21 @@ def parse_sample(sample: dict, base_dir: Path) -> tuple[list[dict], list[Path]]:
                 if count:
                     found.append((index, message["content"].index(key), key))
         for index, _, key in sorted(found):
-            messages[index]["content"] = messages[index]["content"].replace(key, IMAGE_PLACEHOLDER)
-            paths.append(images[key])
-    else:  # "<image>" placeholders take the images in the order given (dict keys in their order)
-        paths = list(images.values())
-        count = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
+            messages[index]["content"] = messages[index]["content"].replace(key, placeholder)
+            paths.append(files[key])
+    else:  # "<image>" placeholders take the files in the order given (dict keys in their order)
+        paths = list(files.values())
+        count = sum(m["content"].count(placeholder) for m in messages)
         if count == 0 and len(paths) == 1:
             first_user = next(m for m in messages if m["role"] == "user")
-            first_user["content"] = f"{IMAGE_PLACEHOLDER}\n{first_user['content']}"
+            first_user["content"] = f"{placeholder}\n{first_user['content']}"
             count = 1
         if count != len(paths):
-            raise BadSample(sample_id, f"{count} image placeholders in the text but {len(paths)} images")
-    leftover = [m["content"] for m in messages if NUMBERED_PLACEHOLDER.search(m["content"])]
+            raise BadSample(sample_id, f"{count} {kind} placeholders in the text but {len(paths)} {kind}s")
+    leftover = [m["content"] for m in messages if numbered(kind).search(m["content"])]
     if leftover:
-        raise BadSample(sample_id, f"placeholders {NUMBERED_PLACEHOLDER.findall(leftover[0])} have no image")
-
-    resolved = []
-    for path in paths:
-        if not isinstance(path, str):
-            raise BadSample(sample_id, f"image paths must be strings, got {path!r}")
-        full = Path(path) if os.path.isabs(path) else base_dir / path
-        if not full.is_file():
-            raise BadSample(sample_id, f"image file {str(full)!r} does not exist")
-        resolved.append(full)
-    return messages, resolved
+        raise BadSample(sample_id, f"placeholders {numbered(kind).findall(leftover[0])} have no {kind}")
+    return paths
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -175,25 +191,27 @@ def render_chat(processor, messages: list[dict]) -> tuple[str, list[tuple[int, i
 
 
 def build_example(processor, messages: list[dict], images: list, max_slice_nums=None, max_length: int | None = None,
-                  sample_id="?") -> dict:
+                  sample_id="?", videos=(), video_kwargs=None) -> dict:
     """One training example: ``input_ids``, ``labels`` (1-D tensors) and ``pixel_values`` (a list of ``(3, H, W)``
-    tensors in span order). `messages` hold one ``<image>`` per image of `images` (PIL images or paths), in order.
+    tensors in span order). `messages` hold one ``<image>`` per image of `images` (PIL images or paths) and one
+    ``<video>`` per video of `videos` (files, sampled with `video_kwargs`: ``fps``, ``max_num_frames``), in order.
 
     The conversation is rendered with the chat template and then goes through the processor exactly as a prompt
     does at inference (placeholder expansion, slicing, BOS, span checks); the tokens inside the assistant turns
     (and their closing ``</s>``) get labels, found from the tokenizer's character offsets in the rendered text."""
     text, ranges = render_chat(processor, messages)
-    kwargs = {} if max_slice_nums is None else {"max_slice_nums": max_slice_nums}
+    kwargs = {**(video_kwargs or {}), **({} if max_slice_nums is None else {"max_slice_nums": max_slice_nums})}
     try:
         encoding = processor(
             text=[text],
             images=[list(images)] if images else None,
+            videos=[list(videos)] if videos else None,
             padding=False,
             return_tensors=None,
             return_offsets_mapping=True,  # in `text` (a token of an image span: its placeholder's range)
             **kwargs,
         )
-    except (ValueError, TypeError, OSError) as error:
+    except (ValueError, TypeError, OSError, ImportError) as error:  # (ImportError: a video without PyAV)
         raise BadSample(sample_id, str(error)) from None
     input_ids = torch.tensor(encoding["input_ids"][0], dtype=torch.long)
     labels = torch.full_like(input_ids, IGNORE_INDEX)
@@ -205,7 +223,7 @@ def build_example(processor, messages: list[dict], images: list, max_slice_nums=
                                    "not truncated: that could cut an image span)")
     if (labels != IGNORE_INDEX).sum() == 0:
         raise BadSample(sample_id, "no token carries a label (empty assistant turns?)")
-    pixel_values = list(encoding["pixel_values"][0]) if images else []
+    pixel_values = list(encoding["pixel_values"][0]) if images or videos else []
     return {"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values}
 
 
@@ -215,13 +233,15 @@ class SupervisedDataset(Dataset):
     (``bad_sample="skip"``) or stop everything (``"stop"``); a sample that fails later (an unreadable image, too
     long) is replaced by the next good one, or stops."""
 
-    def __init__(self, data_path, processor, max_slice_nums=None, max_length=2048, bad_sample="skip"):
+    def __init__(self, data_path, processor, max_slice_nums=None, max_length=2048, bad_sample="skip",
+                 video_kwargs=None):
         data_path = Path(data_path)
         raw = json.loads(data_path.read_text())
         if not isinstance(raw, list):
             raise ValueError(f"{data_path} must hold a JSON list of samples")
         self.processor = processor
         self.max_slice_nums, self.max_length, self.bad_sample = max_slice_nums, max_length, bad_sample
+        self.video_kwargs = dict(video_kwargs or {})
         self.samples, self.skipped = [], []
         for sample in raw:
             try:
@@ -248,13 +268,14 @@ class SupervisedDataset(Dataset):
             from PIL import Image
 
             images = []
-            for path in paths:
+            for path in paths["image"]:
                 with Image.open(path) as image:
                     images.append(image.convert("RGB"))
         except Exception as error:  # unreadable or corrupt image
             raise BadSample(sample_id, f"cannot read its images: {error}") from None
         messages = [dict(m) for m in messages]
-        return build_example(self.processor, messages, images, self.max_slice_nums, self.max_length, sample_id)
+        return build_example(self.processor, messages, images, self.max_slice_nums, self.max_length, sample_id,
+                             [str(path) for path in paths["video"]], self.video_kwargs)
 
     def __getitem__(self, index: int) -> dict:
         for attempt in range(len(self.samples)):
@@ -363,7 +384,8 @@ def init_from_config(spec: str):
         image_size=config.image_size, **image_processor_kwargs
     )
     processor = remote_module("processing_omnilmm").OmniLMMProcessor(
-        image_processor=image_processor, tokenizer=build_tokenizer(), num_query=config.num_query
+        image_processor=image_processor, tokenizer=build_tokenizer(), num_query=config.num_query,
+        max_position_embeddings=config.max_position_embeddings,
     )
     return model, processor
 
@@ -529,6 +551,10 @@ def parse_args(argv=None):
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
     parser.add_argument("--fp16", action="store_true", help="fp16 mixed precision (GPU)")
     parser.add_argument("--max-slice-nums", type=positive_int, default=None, help="most tiles per image (default: the processor's)")
+    parser.add_argument("--video-fps", type=positive_float, default=None,
+                        help="video frames sampled per second (default: the processor's, 1)")
+    parser.add_argument("--max-num-frames", type=positive_int, default=None,
+                        help="most frames sampled from a video (default: the processor's, 64)")
     parser.add_argument("--max-length", type=int, default=2048,
                         help="longest sample in tokens; longer ones are bad samples (never truncated through an image)")
     parser.add_argument("--epochs", type=float, default=1.0, help="passes over the data")
@@ -584,7 +610,10 @@ def main(argv=None) -> None:
     if processor.num_query != model.config.num_query:
         raise SystemExit(f"omnilmm-finetune: the processor makes {processor.num_query} image tokens per span, the model "
                          f"expects {model.config.num_query}")
-    dataset = SupervisedDataset(args.data, processor, args.max_slice_nums, args.max_length, args.bad_sample)
+    video_kwargs = {key: value for key, value in (("fps", args.video_fps), ("max_num_frames", args.max_num_frames))
+                    if value is not None}
+    dataset = SupervisedDataset(args.data, processor, args.max_slice_nums, args.max_length, args.bad_sample,
+                                video_kwargs)
     say(f"{len(dataset)} training samples" + (f" ({len(dataset.skipped)} bad ones skipped)" if dataset.skipped else ""))
     if args.lora and args.init_config and is_main_process():  # the adapter needs its (random) base: keep it
         save_hub_folder(model, processor, Path(args.output) / "base_model")

@@ -21,6 +21,7 @@ REMOTE_CODE_FILES = (
     "resampler.py",
     "modeling_omnilmm.py",
     "image_processing_omnilmm.py",
+    "video_processing_omnilmm.py",
     "processing_omnilmm.py",
 )
 

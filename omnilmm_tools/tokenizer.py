@@ -232,16 +232,20 @@ def _finish_tokenizer_files(dst: Path, tokenizer, copy_sentencepiece: bool = Tru
 
 def save_processor(processor, dst: str | os.PathLike) -> list[str]:
     """Write an ``OmniLMMProcessor`` into the model folder ``dst``: ``processor_config.json`` with the ``auto_map``
-    entries for ``AutoProcessor`` (and, nested, ``AutoImageProcessor``), so that
+    entries for ``AutoProcessor`` (and, nested, ``AutoImageProcessor`` and ``AutoVideoProcessor``), so that
     ``AutoProcessor.from_pretrained(dst, trust_remote_code=True)`` returns an ``OmniLMMProcessor``, the chat template
     and the tokenizer files of :func:`save_tokenizer` (``add_bos_token`` / ``add_eos_token``, ``tokenizer.model``).
     The remote-code ``.py`` files themselves are copied by ``omnilmm_tools.convert.copy_remote_code``."""
     dst = Path(dst)
     type(processor).register_for_auto_class("AutoProcessor")
-    image_processor_class = type(processor.image_processor)
-    if not image_processor_class.__module__.startswith("transformers."):
-        image_processor_class.register_for_auto_class("AutoImageProcessor")
+    for name, auto_class in (("image_processor", "AutoImageProcessor"), ("video_processor", "AutoVideoProcessor")):
+        component_class = type(getattr(processor, name))
+        if not component_class.__module__.startswith("transformers."):
+            component_class.register_for_auto_class(auto_class)
     files = [str(path) for path in processor.save_pretrained(dst)]
+    # The video processor on its own too (`video_preprocessor_config.json`): where vLLM looks up its class, to
+    # decode videos with OmniLMM's own loader (omnilmm_tools.vllm_model).
+    files += [str(path) for path in processor.video_processor.save_pretrained(dst)]
     return files + _finish_tokenizer_files(dst, processor.tokenizer)
 
 

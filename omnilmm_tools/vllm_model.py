@@ -7,6 +7,7 @@ by the folder's `OmniLMMProcessor`, so a prompt reaches the decoder with the sam
 features as in `transformers`. Weights load from the folder unchanged.
 """
 
+import re
 import sys
 from collections.abc import Iterable, Mapping
 
@@ -18,7 +19,7 @@ from vllm.model_executor.models.interfaces import SupportsMultiModal, SupportsPP
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, init_vllm_registered_model, maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig
-from vllm.multimodal.parse import ImageSize
+from vllm.multimodal.parse import ImageSize, MultiModalDataParser
 from vllm.multimodal.processing import (
     BaseDummyInputsBuilder,
     BaseMultiModalProcessor,
@@ -61,7 +62,17 @@ def image_views(pixel_values) -> list[list[torch.Tensor]]:
 
 class OmniLMMProcessingInfo(BaseProcessingInfo):
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:
-        return {"image": None}
+        return {"image": None, "video": None}
+
+    def get_data_parser(self) -> MultiModalDataParser:
+        """Videos come with their metadata (the frames OmniLMM's loader sampled, `omnilmm_tools.vllm_video`)."""
+        return MultiModalDataParser(video_needs_metadata=True)
+
+    def max_num_frames(self) -> int:
+        """The most frames of a video this engine planned its memory for (`--media-io-kwargs`, else the video
+        processor's)."""
+        configured = self.ctx.model_config.multimodal_config.media_io_kwargs.get("video", {}).get("max_num_frames")
+        return int(configured or self.get_hf_processor().video_processor.max_num_frames)
 
     def engine_kwargs(self) -> dict:
         """The server's `mm_processor_kwargs` (`--mm-processor-kwargs`), flat."""
@@ -84,7 +95,8 @@ class OmniLMMProcessingInfo(BaseProcessingInfo):
 
 class OmniLMMDummyInputsBuilder(BaseDummyInputsBuilder[OmniLMMProcessingInfo]):
     def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
-        return self.info.get_hf_processor().image_token * mm_counts.get("image", 0)
+        processor = self.info.get_hf_processor()
+        return processor.image_token * mm_counts.get("image", 0) + processor.video_token * mm_counts.get("video", 0)
 
     def get_dummy_mm_data(self, seq_len, mm_counts, mm_options):
         size = self.info.get_image_size_with_most_features()
@@ -92,7 +104,20 @@ class OmniLMMDummyInputsBuilder(BaseDummyInputsBuilder[OmniLMMProcessingInfo]):
         images = self._get_dummy_images(
             width=size.width, height=size.height, num_images=mm_counts.get("image", 0), overrides=overrides
         )
-        return {"image": images}
+        return {"image": images, "video": self.dummy_videos(size, mm_counts.get("video", 0), mm_options)}
+
+    def dummy_videos(self, size: ImageSize, count: int, mm_options) -> list:
+        """Videos of the most views: `max_num_frames` unsliced frames, or the most frames that are still sliced, of
+        the image size with the most tiles; with the metadata of frames sampled already."""
+        processor, most = self.info.get_hf_processor(), self.info.max_num_frames()
+        sliced = min(most, processor.video_processor.max_sliced_frames)
+        views = processor._get_num_multimodal_tokens(video_sizes=[(most, size.height, size.width),
+                                                                  (sliced, size.height, size.width)])
+        frames = most if views["num_video_tokens"][0] >= views["num_video_tokens"][1] else sliced
+        videos = self._get_dummy_videos(width=size.width, height=size.height, num_frames=frames, num_videos=count,
+                                        overrides=(mm_options or {}).get("video"))
+        return [(video, {"total_num_frames": len(video), "fps": 1.0, "frames_indices": list(range(len(video))),
+                         "video_backend": "dummy", "do_sample_frames": False}) for video in videos]
 
 
 class OmniLMMMultiModalProcessor(BaseMultiModalProcessor[OmniLMMProcessingInfo]):
@@ -107,51 +132,85 @@ class OmniLMMMultiModalProcessor(BaseMultiModalProcessor[OmniLMMProcessingInfo])
                 f"max_slice_nums={requested} is more than this server allows ({limit}: what it planned its memory "
                 f"for); start it with --mm-processor-kwargs '{{\"max_slice_nums\": {requested}}}' to allow more"
             )
+        hf_data, videos = dict(hf_data), hf_data.get("videos") or []
+        hf_data.pop("videos", None)
+        out = {}
         try:
-            out = super()._call_hf_processor(hf_data, hf_kwargs)
+            if hf_data.get("images"):
+                images = super()._call_hf_processor(hf_data, hf_kwargs)
+                grids = [sample[0] for sample in images["slice_grids"]]  # one image per sample: images without text
+                out["pixel_values"] = [list(views) for views in images["pixel_values"]]
+                out["slice_grid"] = torch.tensor([grid or (0, 0) for grid in grids])
+            if videos:
+                out.update(self.process_videos(videos, hf_kwargs))
         except ValueError as error:  # vLLM wraps the processor's error in one that does not say what is wrong
             raise ValueError(str(error.__cause__ or error)) from error
-        grids = [sample[0] for sample in out["slice_grids"]]  # one image per sample: images without text
-        return BatchFeature({
-            "pixel_values": [list(views) for views in out["pixel_values"]],
-            "slice_grid": torch.tensor([grid or (0, 0) for grid in grids]),
-        })
+        return BatchFeature(out)
+
+    def process_videos(self, videos, hf_kwargs) -> dict:
+        """Videos as OmniLMM's loader sampled them (`(frames, metadata)`) through the folder's video processor, frames
+        as they are: per video its views and `(frames, 2)` slice grids (`(0, 0)`: not sliced)."""
+        video_processor = self.info.get_hf_processor().video_processor
+        merged = dict(self.info.ctx.get_merged_mm_kwargs(hf_kwargs))
+        merged.update(merged.pop("videos_kwargs", None) or {})
+        settings = {k: v for k, v in merged.items() if k in video_processor.setting_names and k != "do_sample_frames"}
+        out = {"video_pixel_values": [], "video_slice_grids": []}
+        for frames, metadata in videos:
+            given = {k: v for k, v in metadata.items() if k != "do_sample_frames"}
+            video = video_processor(list(frames), video_metadata=given, do_sample_frames=False, **settings)
+            out["video_pixel_values"].append(list(video["pixel_values_videos"][0]))
+            out["video_slice_grids"].append(torch.tensor([g or (0, 0) for g in video["video_slice_grids"][0]]))
+        return out
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs) -> Mapping[str, MultiModalFieldConfig]:
         return {
             "pixel_values": MultiModalFieldConfig.batched("image"),
             "slice_grid": MultiModalFieldConfig.batched("image", keep_on_cpu=True),
+            "video_pixel_values": MultiModalFieldConfig.batched("video"),
+            "video_slice_grids": MultiModalFieldConfig.batched("video", keep_on_cpu=True),
         }
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         processor = self.info.get_hf_processor()
         tokenizer = self.info.get_tokenizer()
 
-        def image_spans(item_idx: int) -> PromptUpdateDetails:
-            cols, rows = out_mm_kwargs["image"][item_idx]["slice_grid"].data.tolist()
-            spans = processor.image_placeholder((cols, rows) if cols else None)
-            ids = tokenizer.encode(spans, add_special_tokens=False)
+        def spans(text: str) -> PromptUpdateDetails:
+            ids = tokenizer.encode(text, add_special_tokens=False)
             return PromptUpdateDetails.select_token_id(ids, embed_token_id=processor.im_patch_token_id)
 
-        return [PromptReplacement(modality="image", target=processor.image_token, replacement=image_spans)]
+        def image_spans(item_idx: int) -> PromptUpdateDetails:
+            cols, rows = out_mm_kwargs["image"][item_idx]["slice_grid"].data.tolist()
+            return spans(processor.image_placeholder((cols, rows) if cols else None))
+
+        def video_spans(item_idx: int) -> PromptUpdateDetails:
+            grids = out_mm_kwargs["video"][item_idx]["video_slice_grids"].data.tolist()
+            return spans(processor.replace_video_token({"slice_grids": [[g if g[0] else None for g in grids]]}, 0))
+
+        return [PromptReplacement(modality="image", target=processor.image_token, replacement=image_spans),
+                PromptReplacement(modality="video", target=processor.video_token, replacement=video_spans)]
 
     def _apply_prompt_updates(self, token_ids, mm_prompt_updates):
-        """Expand each `<image>` in the text and tokenize the result, as `OmniLMMProcessor` does (replacing its
-        tokens in place would tokenize the text next to an image differently), BOS once."""
+        """Expand each `<image>` and `<video>` in the text and tokenize the result, as `OmniLMMProcessor` does
+        (replacing its tokens in place would tokenize the text next to an image differently), BOS once."""
         tokenizer, processor = self.info.get_tokenizer(), self.info.get_hf_processor()
         if any(token in processor.image_token_ids for token in token_ids):
             raise ValueError("the prompt holds literal <im_start>/<im_patch>/<im_end> tokens: give images as image "
                              "content parts (or <image> placeholders with multi_modal_data), not as image tokens")
-        updates = [item[0] for item in mm_prompt_updates.get("image", [])]
-        pieces = prompt_text(tokenizer, token_ids).split(processor.image_token)
-        if len(pieces) - 1 != len(updates):
-            raise ValueError(f"the prompt has {len(pieces) - 1} {processor.image_token} placeholder(s) but "
-                             f"{len(updates)} image(s) were given; give one placeholder per image")
-        text = pieces[0] + "".join(prompt_text(tokenizer, u.content.full) + p for u, p in zip(updates, pieces[1:]))
-        new_ids = tokenizer.encode(text, add_special_tokens=False)
+        placeholders = {"image": processor.image_token, "video": processor.video_token}
+        updates = {kind: [item[0] for item in mm_prompt_updates.get(kind, [])] for kind in placeholders}
+        pieces = re.split(f"({re.escape(processor.image_token)}|{re.escape(processor.video_token)})",
+                          prompt_text(tokenizer, token_ids))
+        for kind, placeholder in placeholders.items():
+            if pieces[1::2].count(placeholder) != len(updates[kind]):
+                raise ValueError(f"the prompt has {pieces[1::2].count(placeholder)} {placeholder} placeholder(s) but "
+                                 f"{len(updates[kind])} {kind}(s) were given; give one placeholder per {kind}")
+        left = {placeholder: iter(updates[kind]) for kind, placeholder in placeholders.items()}
+        pieces[1::2] = [prompt_text(tokenizer, next(left[p]).content.full) for p in pieces[1::2]]
+        new_ids = tokenizer.encode("".join(pieces), add_special_tokens=False)
         if new_ids[:2] == [tokenizer.bos_token_id] * 2:  # a rendered chat prompt (it has BOS) tokenized with BOS
             new_ids = new_ids[1:]  # never two, as in the processor
-        return new_ids, self._find_mm_placeholders(new_ids, {"image": [[u] for u in updates]} if updates else {})
+        found = {kind: [[u] for u in items] for kind, items in updates.items() if items}
+        return new_ids, self._find_mm_placeholders(new_ids, found)
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -172,7 +231,9 @@ class OmniLMMForCausalLM(nn.Module, SupportsMultiModal, SupportsPP):
     def get_placeholder_str(cls, modality: str, i: int) -> str | None:
         if modality.startswith("image"):
             return "<image>"
-        raise ValueError(f"OmniLMM reads images and text, not {modality}")
+        if modality.startswith("video"):
+            return "<video>"
+        raise ValueError(f"OmniLMM reads images, videos and text, not {modality}")
 
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__()
@@ -192,13 +253,18 @@ class OmniLMMForCausalLM(nn.Module, SupportsMultiModal, SupportsPP):
             )
         self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def vision_outputs(self, *args, **kwargs):
+        """`OmniLMMModel.vision_outputs` of the remote code (it reads only `vision_tower`)."""
+        return self.remote.OmniLMMModel.vision_outputs(self, *args, **kwargs)
+
+    def encode_images(self, *args, **kwargs) -> torch.Tensor:
         """`OmniLMMModel.encode_images` of the remote code (it reads only `vision_tower` and `resampler`)."""
-        return self.remote.OmniLMMModel.encode_images(self, pixel_values)
+        return self.remote.OmniLMMModel.encode_images(self, *args, **kwargs)
 
     def embed_multimodal(self, **kwargs) -> list[torch.Tensor]:
-        """Per image, its `(views * num_query, hidden)` features, by the remote code's `get_image_features`."""
-        pixel_values = kwargs.get("pixel_values")
+        """Per image (or video: all its frames), its `(views * num_query, hidden)` features, by the remote code's
+        `get_image_features`. vLLM calls it for one modality at a time."""
+        pixel_values = kwargs.get("pixel_values", kwargs.get("video_pixel_values"))
         if pixel_values is None:
             return []
         views = image_views(pixel_values)

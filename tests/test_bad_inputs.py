@@ -21,6 +21,7 @@ import zlib
 from functools import cached_property
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 import torch
@@ -28,6 +29,7 @@ from PIL import Image
 from transformers import AutoModelForCausalLM, AutoProcessor
 
 from conftest import TINY, make_tiny_model_folder
+from omnilmm_tools import clips
 from omnilmm_tools.convert import convert
 from omnilmm_tools.remote import REMOTE_CODE_FILES, ROOT, remote_module
 
@@ -131,6 +133,38 @@ class Env:
         path = self.tmp / name
         path.write_bytes(data)
         return path
+
+    def clip(self, name="clip.mp4", frames=12, size=(64, 48), **options) -> Path:
+        """A short clip of distinct noise frames (PyAV), written to `name`."""
+        rng = np.random.default_rng(0)
+        images = [rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8) for _ in range(frames)]
+        return clips.write_video(self.tmp / name, images, 4, **options)
+
+    def truncated_clip(self) -> Path:
+        """A clip whose index comes first (`faststart`) and whose last third is missing."""
+        data = self.clip("whole.mp4", movflags="faststart").read_bytes()
+        return self.file("truncated.mp4", data[: len(data) * 2 // 3])
+
+    def audio_only(self) -> Path:
+        with av.open(str(self.tmp / "audio.m4a"), "w") as container:
+            stream = container.add_stream("aac", rate=16000)
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate = 16000
+            for packet in [*stream.encode(frame), *stream.encode()]:
+                container.mux(packet)
+        return self.tmp / "audio.m4a"
+
+    def no_frames(self) -> Path:
+        with av.open(str(self.tmp / "empty.mkv"), "w") as container:
+            stream = container.add_stream("libx264", rate=4)
+            stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+            container.start_encoding()
+        return self.tmp / "empty.mkv"
+
+    def unknown_codec(self) -> Path:
+        """An AVI whose video codec (fourcc `QQZZ`) no FFmpeg decoder knows."""
+        data = self.clip("mpeg4.avi").read_bytes()
+        return self.file("unknown.avi", data.replace(b"FMP4", b"QQZZ"))
 
     def original(self, config=None, config_text=None, state_dict=None, added_tokens=None, drop=()) -> Path:
         """A copy of the tiny original-format folder with `config` keys changed (DELETE removes one), or
@@ -269,7 +303,6 @@ PROCESSOR_CASES = [
     ("truncation-max_length-negative", lambda e: e.processor(text="Hello there", truncation=True, max_length=-1), ValueError, "max_length must be a positive integer"),
     ("truncation-max_length-string", lambda e: e.processor(text="Hello there", truncation=True, max_length="5"), ValueError, "max_length must be a positive integer"),
     ("max_slice_nums-0", lambda e: e.processor(text="<image>", images=photo(), max_slice_nums=0), ValueError, "max_slice_nums must be an integer >= 1"),
-    ("video-file-path", lambda e: e.processor(text="<video>", videos="clip.mp4"), TypeError, "video files such as 'clip.mp4' are not decoded"),
     ("video-without-placeholder", lambda e: e.processor(text="Describe.", videos=[[photo(), photo()]]), ValueError, "0 <video> placeholder(s)"),
     ("missing-image-path", lambda e: e.processor(text="<image>", images=str(e.tmp / "nope.png")), FileNotFoundError, "No image file at"),
     ("corrupt-image-file", lambda e: e.processor(text="<image>", images=str(e.file("x.png", b"\x89PNG garbage"))), ValueError, "empty or not an image"),
@@ -277,6 +310,34 @@ PROCESSOR_CASES = [
 ]
 
 TWO_ROWS = torch.tensor([[1, 5] + SPAN + SPAN, [1] + [5] * (1 + 2 * len(SPAN))])  # 2 spans, then 0 spans
+
+def without_pyav(e):
+    clip = str(e.clip())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "av", None)  # `import av` raises ImportError
+        e.processor(text="<video>", videos=clip)
+
+
+VIDEO_CASES = [
+    ("not-a-video", lambda e: e.processor(text="<video>", videos=str(e.file("notes.mp4", b"just some text"))), ValueError, "not a video file, or truncated or corrupt"),
+    ("truncated-mp4", lambda e: e.processor(text="<video>", videos=str(e.file("cut.mp4", e.clip().read_bytes()[:800]))), ValueError, "not a video file, or truncated or corrupt"),
+    ("truncated-faststart-mp4", lambda e: e.processor(text="<video>", videos=str(e.truncated_clip())), ValueError, "truncated or corrupt"),
+    ("no-frames", lambda e: e.processor(text="<video>", videos=str(e.no_frames())), ValueError, "holds no video frames"),
+    ("no-video-stream", lambda e: e.processor(text="<video>", videos=str(e.audio_only())), ValueError, "has no video stream"),
+    ("unknown-codec", lambda e: e.processor(text="<video>", videos=str(e.unknown_codec())), ValueError, "a codec this PyAV build cannot decode"),
+    ("frames-over-the-pixel-limit", lambda e: e.processor(text="<video>", videos=str(e.clip()), max_image_pixels=1000), ValueError, "more than max_image_pixels=1,000"),
+    ("fps-0", lambda e: e.processor(text="<video>", videos=str(e.clip()), fps=0), ValueError, "fps must be a positive number"),
+    ("fps-negative", lambda e: e.processor.video_processor(str(e.clip()), fps=-1), ValueError, "fps must be a positive number"),
+    ("num_frames-more-than-the-video", lambda e: e.processor(text="<video>", videos=str(e.clip()), num_frames=50), ValueError, "num_frames=50 is more than the video's 12 frames"),
+    ("num_frames-more-than-the-context", lambda e: e.processor(text="<video>", videos=str(e.clip()), num_frames=11, truncation=True, max_length=40), ValueError, "num_frames=11 frames take at least 66 tokens"),
+    ("max_num_frames-0", lambda e: e.processor(text="<video>", videos=str(e.clip()), max_num_frames=0), ValueError, "max_num_frames must be a positive integer"),
+    ("a-video-given-as-an-image", lambda e: e.processor(text="<image>", images=str(e.clip())), ValueError, "It looks like a video: give it as a video"),
+    ("an-image-given-as-a-video", lambda e: e.processor(text="<video>", videos=str(e.file("photo.png", encoded("PNG")))), ValueError, "is an image (png), not a video"),
+    ("an-empty-list-of-frames", lambda e: e.processor.video_processor([[]]), ValueError, "a non-empty list of frames"),
+    ("missing-video-file", lambda e: e.processor(text="<video>", videos=str(e.tmp / "nope.mp4")), FileNotFoundError, "No video file at"),
+    ("without-pyav", without_pyav, ImportError, "pip install av"),
+    ("chat-a-video-as-an-image-part", lambda e: e.model.chat(msgs=user([{"type": "image", "image": str(e.clip())}, "What?"])), ValueError, "It looks like a video"),
+]
 
 MODEL_CASES = [
     ("pixel_values-rank-3", lambda e: e.model(input_ids=ids([5], "img"), pixel_values=torch.zeros(3, 112, 112)), ValueError, "(num_images, 3, height, width)"),
@@ -338,7 +399,7 @@ CHAT_CASES = [
     ("content-None", lambda e: e.model.chat(msgs=user(None)), TypeError, "content must be a string or a list"),
     ("content-list-with-int", lambda e: e.model.chat(msgs=user([5, "What?"])), TypeError, "Expected an image"),
     ("content-text-part-without-text", lambda e: e.model.chat(msgs=user([{"type": "text"}])), TypeError, "needs a string 'text'"),
-    ("content-image-part-without-image", lambda e: e.model.chat(msgs=user([{"type": "image"}])), TypeError, "cannot read an image or a text"),
+    ("content-image-part-without-image", lambda e: e.model.chat(msgs=user([{"type": "image"}])), TypeError, "cannot read an image, a video or a text"),
     ("image-but-no-user-message", lambda e: e.model.chat(image=photo(), msgs=[{"role": "assistant", "content": "hi"}]), ValueError, "msgs has no user message"),
     ("image-path-that-is-missing", lambda e: e.model.chat(image=str(e.tmp / "nope.png"), msgs=user("What?")), FileNotFoundError, "No image file at"),
     ("image-not-an-image", lambda e: e.model.chat(image=5, msgs=user("What?")), TypeError, "Expected an image"),
@@ -489,6 +550,7 @@ CASES = [
     for entry, cases in [
         ("image_processor", IMAGE_PROCESSOR_CASES),
         ("processor", PROCESSOR_CASES),
+        ("video", VIDEO_CASES),
         ("model", MODEL_CASES),
         ("chat", CHAT_CASES),
         ("config", CONFIG_CASES),
@@ -510,7 +572,8 @@ def test_bad_input_gets_a_clear_error(entry, call, error, fragment, request, tmp
 
 def test_the_catalogue_is_large_and_covers_every_entry_point():
     assert len(CASES) >= 30
-    assert {p.values[0] for p in CASES} == {"image_processor", "processor", "model", "chat", "config", "convert", "finetune"}
+    assert {p.values[0] for p in CASES} == {"image_processor", "processor", "video", "model", "chat", "config", "convert",
+                                            "finetune"}
 
 
 # Documented graceful behaviour: inputs that are odd but valid get a sensible answer, not an error.
@@ -581,7 +644,8 @@ def test_malicious_pickle_is_refused_by_the_command_line(request, tmp_path):
     assert not marker.exists()
 
 
-ALLOWED_IMPORTS = {"torch", "torchvision", "transformers", "timm", "numpy", "PIL"}
+ALLOWED_IMPORTS = {"torch", "torchvision", "transformers", "timm", "numpy", "PIL", "huggingface_hub", "av"}
+OPTIONAL_IMPORTS = {"av"}  # PyAV, for video files only: imported in a `try` block, so the files load without it
 
 
 @pytest.mark.parametrize("name", REMOTE_CODE_FILES)
@@ -605,6 +669,10 @@ def test_remote_code_imports_only_declared_dependencies(name):
     calls = {node.func.id for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
     forbidden = calls & {"eval", "exec", "compile", "__import__"}
     assert not forbidden, f"{name} calls {forbidden}"
+    # What transformers requires installed before it runs the file (trust_remote_code): never an optional package.
+    from transformers.dynamic_module_utils import get_imports
+
+    assert not OPTIONAL_IMPORTS & set(get_imports(str(ROOT / name))), f"{name} requires an optional package"
 
 
 @pytest.fixture

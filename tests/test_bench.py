@@ -1,10 +1,11 @@
 """`omnilmm-bench --smoke` runs every comparison at tiny sizes and prints each ratio next to its target."""
 
 import re
+import shutil
 
 import pytest
 
-from omnilmm_tools import bench
+from omnilmm_tools import bench, bench_video
 
 EXPECTED_ROWS = {
     "1 preprocessing": 4,  # 2 photo sizes x (LLaVA-NeXT PIL, LLaVA-NeXT torchvision)
@@ -15,9 +16,18 @@ EXPECTED_ROWS = {
     "6 conversion": 1,
     "6 loading": 2,
     "8 quantization": 4,  # int8 and int4: weight memory and decode speed
+    "9 video": 6,  # decoding (2 keyframe intervals), tokens and encoding per second of video (num_query 64, 256)
 }
+# ours / MiniCPM-V's decord recipe, / vLLM's OpenCV loader, / torchcodec, for both clips, where those are installed
+VLLM_OPENCV = bench_video.optional("vllm.multimodal.video") and bench_video.optional("cv2")
+TORCHCODEC = bench_video.optional("torchcodec.decoders")
+EXPECTED_ROWS["9 video"] += 2 * (bench_video.optional("decord") + VLLM_OPENCV + TORCHCODEC)
+# the page's last and first token against chat()'s, where Gradio, Playwright and chromium are installed
+WEB_DEMO = bench_video.optional("gradio") and bench_video.optional("playwright.sync_api") and shutil.which("chromium")
+if WEB_DEMO:
+    EXPECTED_ROWS["10 web demo"] = 2
 ROW = re.compile(r"^\s+(.+?)\s+ratio\s+(\d+\.\d+)\s+target\s+(<=|>=|<|>|info)\s*(\d+\.\d+)?\s+(PASS|FAIL|INFO)", re.M)
-SUMMARY = re.compile(r"^  (\d [a-z -]+?)\s{2,}.+?\s(\d+\.\d{3})\s+(?:(<=|>=|<|>) \d+\.\d+|info)\s+(PASS|FAIL|INFO)$", re.M)
+SUMMARY = re.compile(r"^  (\d+ [a-z -]+?)\s{2,}.+?\s(\d+\.\d{3})\s+(?:(<=|>=|<|>) \d+\.\d+|info)\s+(PASS|FAIL|INFO)$", re.M)
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +42,12 @@ def smoke_output(tmp_path_factory):
 
 
 def test_smoke_prints_every_comparison_with_a_ratio_and_a_verdict(smoke_output):
-    for title in ("== 1.", "== 2.", "== 3.", "== 4.", "== 5.", "== 6.", "== 8.", "== Summary"):
+    for title in ("== 1.", "== 2.", "== 3.", "== 4.", "== 5.", "== 6.", "== 8.", "== 9.", "== Summary"):
         assert title in smoke_output, f"{title} missing from:\n{smoke_output}"
     rows = ROW.findall(smoke_output)
     assert len(rows) == sum(EXPECTED_ROWS.values()), smoke_output
     for _, ratio, _, _, _ in rows:
-        assert float(ratio) > 0
+        assert float(ratio) >= 0  # (a delay row is 0 when there is none)
     summary = smoke_output.split("== Summary", 1)[1]
     counts = {}
     for comparison, _, _, _ in SUMMARY.findall(summary):

@@ -137,6 +137,47 @@ def test_labels_only_on_assistant_turns_multi_image_multi_turn(workdir, processo
     assert not labelled[: len(inference)].any() and labelled[len(inference)]
 
 
+def test_video_samples_are_trained_on_like_images(workdir, processor):
+    """MiniCPM-V-format samples with videos (`"video": "clip.mp4"` with no placeholder, or a keyed `<video_00>` beside
+    an `<image>`): the processor samples the frames at the placeholder, only the answers carry labels, and a few
+    steps of `omnilmm-finetune` train on them."""
+    import random
+
+    from omnilmm_tools import clips
+
+    folder = workdir / "videos"
+    folder.mkdir(exist_ok=True)
+    made = []
+    for seed in range(2):
+        frames, shape = clips.shape_frames(random.Random(seed), seconds=4, fps=4, size=IMAGE_SIZE)
+        made.append((clips.write_video(folder / f"clip{seed}.mp4", frames, 4).name, shape))
+    shapes.make_item(random.Random(5), size=IMAGE_SIZE).image.save(folder / "photo.png")
+    samples = [
+        {"id": "plain", "video": made[0][0], "conversations": [
+            {"role": "user", "content": "What colour is the shape?"}, {"role": "assistant", "content": made[0][1].colour}]},
+        {"id": "keyed", "video": {"<video_00>": made[1][0]}, "image": "photo.png", "conversations": [
+            {"role": "user", "content": "<image>\nand <video_00>\nWhat shape moves?"},
+            {"role": "assistant", "content": made[1][1].kind}]},
+    ] * 4
+    data = folder / "data.json"
+    data.write_text(json.dumps(samples))
+    dataset = finetune.SupervisedDataset(data, processor, video_kwargs={"max_num_frames": 3})
+    for index, (name, shape) in enumerate(made):
+        example = dataset[index]
+        ids, labels = example["input_ids"], example["labels"]
+        answer = shape.colour if index == 0 else shape.kind
+        assert processor.tokenizer.decode(ids[labels != -100]) == answer + "</s>"
+        video = processor.video_processor(str(folder / name), max_num_frames=3)["pixel_values_videos"][0]
+        own = example["pixel_values"][-len(video):]  # the video comes last in both samples
+        assert all(torch.equal(a, b) for a, b in zip(own, video))
+        assert int((ids == processor.im_start_token_id).sum()) == len(example["pixel_values"])
+    output = workdir / "video-run"
+    finetune.main(["--init-config", str(workdir / "tiny.json"), "--data", str(data), "--output", str(output),
+                   "--max-steps", "4", "--batch-size", "2", "--logging-steps", "1", "--report-to", "none",
+                   "--max-num-frames", "3"])
+    assert len(losses(output)) == 4 and all(torch.isfinite(torch.tensor(losses(output))))
+
+
 def test_sparse_head_loss_equals_model_loss(workdir, processor):
     """The trainer runs the LM head on labelled positions only; its loss is the model's own loss."""
     from transformers import TrainingArguments

@@ -16,7 +16,7 @@ from omnilmm_tools import shapes
 from omnilmm_tools.remote import REMOTE_CODE_FILES
 
 HUB_FILES = ("tokenizer_config.json", "demo_model/config.json", "demo_model/model.safetensors",
-             "demo_model/README.md", "assets/sample.png", *REMOTE_CODE_FILES,
+             "demo_model/README.md", "assets/sample.png", "assets/sample.mp4", *REMOTE_CODE_FILES,
              *(f"demo_model/{name}" for name in REMOTE_CODE_FILES))
 
 
@@ -103,7 +103,8 @@ def test_convert_command_errors_are_one_line(venv, tmp_path):
 
 
 def test_help_texts_name_each_default_once_and_no_missing_file(venv, tmp_path):
-    for command in ("omnilmm-chat", "omnilmm-convert", "omnilmm-finetune", "omnilmm-eval-shapes", "omnilmm-bench"):
+    for command in ("omnilmm-chat", "omnilmm-convert", "omnilmm-finetune", "omnilmm-eval-shapes", "omnilmm-bench",
+                    "omnilmm-demo"):
         text = run([venv / command, "--help"], tmp_path).stdout
         assert text.startswith("usage: "), (command, text)
         flat = " ".join(text.split())

@@ -211,7 +211,7 @@ def test_processor_spans_match_pixel_values(processor, prompt, extra_images, sli
     elif extra_images < 0 and images:
         images = images[:-1]
     if len(images) != placeholders:
-        with pytest.raises(ValueError, match="placeholders must equal the number of images"):
+        with pytest.raises(ValueError, match="tokens in the prompts should be the same as the number of images"):
             processor(text=text, images=images, slice_mode=slice_mode, max_slice_nums=max_slice_nums)
         return
     out = processor(

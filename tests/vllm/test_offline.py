@@ -3,7 +3,10 @@
 
 Runs in `.venv-vllm` (vLLM pins its own torch and transformers); one engine per model, shared by the module."""
 
+import base64
 import os
+import random
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -61,7 +64,7 @@ def start_engine(folder, **kwargs):
     from vllm import LLM
 
     return LLM(str(folder), trust_remote_code=True, dtype="float32", gpu_memory_utilization=0.15,
-               max_model_len=2048, seed=0, **kwargs)
+               max_model_len=2048, seed=0, allowed_local_media_path=tempfile.gettempdir(), **kwargs)
 
 
 def greedy(llm, max_tokens=MAX_TOKENS):
@@ -137,3 +140,40 @@ def test_max_slice_nums_is_honoured_per_request(demo_engine):
     assert sliced.prompt_token_ids.count(processor.im_start_token_id) > 1
     assert unsliced.prompt_token_ids.count(processor.im_start_token_id) == 1
     assert unsliced.prompt_token_ids.count(processor.im_patch_token_id) == num_query
+
+
+def video_clips(folder):
+    """Shape clips (H.264 in mp4, VP9 in WebM) and the shape in each."""
+    from omnilmm_tools import clips
+
+    made = []
+    for seed, suffix in ((0, ".mp4"), (1, ".webm"), (4, ".mp4")):
+        frames, shape = clips.shape_frames(random.Random(seed), seconds=5, fps=6)
+        made.append((clips.write_video(folder / f"shape-{seed}{suffix}", frames, 6), shape))
+    return made
+
+
+def test_a_video_url_answers_as_transformers_token_for_token(demo_engine, tmp_path):
+    """`video_url` parts (a base64 `data:` URL, or a file) go through OmniLMM's video loader (the processor's own
+    sampling and decoding): the same prompt ids and greedy tokens as the processor and `generate` on the file, which
+    `chat(sampling=False)` answers with too."""
+    model = AutoModelForCausalLM.from_pretrained(ROOT / "demo_model", trust_remote_code=True, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(ROOT / "demo_model", trust_remote_code=True)
+    question, eos = "What colour is the shape?", processor.tokenizer.eos_token_id
+    for path, shape in video_clips(tmp_path):
+        content = [{"type": "video", "path": str(path)}, {"type": "text", "text": question}]
+        messages = [{"role": "user", "content": content}]
+        inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                               return_tensors="pt")
+        output = model.generate(**inputs, do_sample=False, max_new_tokens=MAX_TOKENS)
+        expected = [t for t in output[0, inputs["input_ids"].shape[1]:].tolist() if t != eos]
+        mime = "video/webm" if path.suffix == ".webm" else "video/mp4"
+        url = f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode()
+        for source in (url, path.as_uri()):
+            content = [{"type": "video_url", "video_url": {"url": source}}, {"type": "text", "text": question}]
+            result = demo_engine.chat([{"role": "user", "content": content}], greedy(demo_engine))[0]
+            assert result.prompt_token_ids == inputs["input_ids"][0].tolist(), path.name
+            assert [t for t in result.outputs[0].token_ids if t != eos] == expected, path.name
+        chat = model.chat(msgs=[{"role": "user", "content": [path, question]}], sampling=False,
+                          max_new_tokens=MAX_TOKENS)
+        assert processor.decode(expected) == chat == shape.colour

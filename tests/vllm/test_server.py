@@ -5,12 +5,15 @@
 import base64
 import io
 import os
+import random
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import openai
 import pytest
 import torch
@@ -18,6 +21,7 @@ from PIL import Image
 from transformers import AutoModelForCausalLM
 
 from conftest import free_port
+from omnilmm_tools import clips
 from test_offline import shape_image
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,7 +120,41 @@ def wide_url():
     return data_url(shape_image((900, 300), (30, 200, 30), 3))
 
 
+def shape_video(folder, seed):
+    """A clip of a moving shape (H.264 in mp4), as a base64 `data:` URL, and its file and shape."""
+    frames, shape = clips.shape_frames(random.Random(seed), seconds=5, fps=6)
+    path = clips.write_video(folder / f"shape-{seed}.mp4", frames, 6)
+    return "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode(), path, shape
+
+
+def video_message(url, question=QUESTION):
+    return {"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                        {"type": "text", "text": question}]}
+
+
+def ask_video(client, url, **kwargs):
+    return client.chat.completions.create(model=str(DEMO), messages=[video_message(url)], temperature=0,
+                                          max_tokens=MAX_TOKENS, **kwargs)
+
+
+def test_a_base64_video_answers_as_chat(client, model, tmp_path):
+    for seed in (0, 1):
+        url, path, shape = shape_video(tmp_path, seed)
+        expected = model.chat(msgs=[{"role": "user", "content": [{"type": "video", "video": str(path)}, QUESTION]}],
+                              sampling=False, max_new_tokens=MAX_TOKENS)
+        assert ask_video(client, url).choices[0].message.content.strip() == expected == shape.colour
+
+
+def test_video_sampling_per_request(client, tmp_path):
+    """`media_io_kwargs` per request: a higher frame rate samples more frames, `max_num_frames` fewer."""
+    url, _, _ = shape_video(tmp_path, 2)  # 5 s: 5 frames at the default 1 per second
+    tokens = {name: ask_video(client, url, extra_body={"media_io_kwargs": {"video": settings}}).usage.prompt_tokens
+              for name, settings in (("default", {}), ("fps 3", {"fps": 3}), ("2 frames", {"max_num_frames": 2}))}
+    assert tokens["2 frames"] < tokens["default"] < tokens["fps 3"], tokens
+
+
 NOT_AN_IMAGE = "data:image/png;base64," + base64.b64encode(b"hello").decode()
+NOT_A_VIDEO = "data:video/mp4;base64," + base64.b64encode(b"hello, not a video").decode()
 BAD_REQUESTS = {  # name: (the request's arguments, built when the test runs; what the error message names)
     "corrupt base64": (lambda: dict(messages=[image_message("data:image/png;base64,iVBORw0KGgo!!!notbase64")]),
                        "base64"),
@@ -135,7 +173,20 @@ BAD_REQUESTS = {  # name: (the request's arguments, built when the test runs; wh
         {"type": "image_url", "image_url": {"url": wide_url()}}, {"type": "text", "text": "<im_start><im_end>?"}]}]),
         "literal <im_start>/<im_patch>/<im_end> tokens"),
     "no messages": (lambda: dict(messages=[]), "empty conversation"),
+    "not a video": (lambda: dict(messages=[video_message(NOT_A_VIDEO)]), "not a video file"),
+    "an image as a video": (lambda: dict(messages=[video_message(data_url(Image.new("RGB", (64, 64))))]),
+                            "is an image (png), not a video"),
+    "video fps 0": (lambda: dict(messages=[video_message(data_url_of_clip())],
+                                 extra_body={"media_io_kwargs": {"video": {"fps": 0}}}),
+                    "fps must be a positive number"),
 }
+
+
+def data_url_of_clip():
+    frames = [np.full((48, 64, 3), 40 * i, np.uint8) for i in range(6)]
+    with tempfile.TemporaryDirectory() as folder:
+        path = clips.write_video(Path(folder) / "clip.mp4", frames, 3)
+        return "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
 def image_message(url, question=QUESTION):
@@ -152,3 +203,18 @@ def test_a_bad_request_is_a_4xx_and_the_server_keeps_serving(client, case):
     assert named in caught.value.message, caught.value.message
     sample = Image.open(ROOT / "assets" / "sample.png").convert("RGB")
     assert answer(client, data_url(sample))  # the next good request is answered
+
+
+def test_the_web_demo_asks_the_server_and_gets_the_local_answer(client, model, tmp_path):
+    """`omnilmm-demo --server`'s backend against this server: a picture and a video answer as the page's local
+    backend (`chat(sampling=False)` on the same folder) does, streamed."""
+    from omnilmm_tools import demo
+
+    server = demo.RemoteServer(str(client.base_url))
+    settings = {"max_slice_nums": 0, "sampling": False, "temperature": 0.6, "top_p": 0.9, "max_new_tokens": 8,
+                "fps": 1, "max_num_frames": 64}
+    _, video, _ = shape_video(tmp_path, 3)
+    for part in ({"type": "image", "image": ROOT / "assets" / "sample.png"}, {"type": "video", "video": video}):
+        msgs = [{"role": "user", "content": [part, QUESTION]}]
+        pieces = list(server.answer(msgs, settings))  # streamed
+        assert "".join(pieces).strip() == model.chat(msgs=msgs, sampling=False, max_new_tokens=8)

@@ -1,0 +1,1 @@
+../video_processing_omnilmm.py
