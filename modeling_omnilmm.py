@@ -6,10 +6,13 @@ Every image (or slice) becomes `num_query` tokens that replace the `<im_patch>` 
 """
 
 import copy
+import ctypes
 import hashlib
 import inspect
+import json
 import math
 import os
+import sys
 import threading
 from collections import OrderedDict, defaultdict
 
@@ -349,6 +352,18 @@ class OmniLMMForCausalLM(OmniLMMPreTrainedModel, MistralForCausalLM):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
+        """`PreTrainedModel.from_pretrained`, and also the folders `omnilmm-quantize` writes (`quanto_weights` in
+        their config): optimum-quanto int8/int4 weights read straight into quantized layers, which transformers'
+        own quanto support cannot do (it quantizes full-precision weights at every load)."""
+        if config is None:
+            hub = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
+            config = cls.config_class.from_pretrained(pretrained_model_name_or_path, **hub)
+        if getattr(config, "quanto_weights", None) is None:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+        return load_quanto_folder(cls, pretrained_model_name_or_path, config, **kwargs)
+
     def get_image_features(self, pixel_values, **kwargs):
         return self.model.get_image_features(pixel_values, **kwargs)
 
@@ -548,6 +563,101 @@ class OmniLMMForCausalLM(OmniLMMPreTrainedModel, MistralForCausalLM):
         if per_prompt > 1:
             answers = [answers[i : i + per_prompt] for i in range(0, len(answers), per_prompt)]
         return answers if batched else answers[0]
+
+
+# glibc's `malloc_trim`: hands freed heap memory back to the system (loading a quantized folder frees buffers of
+# many sizes, which glibc would keep: the process would hold 1.5x the weights instead of 1x)
+MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform == "linux" else None
+
+
+class SafetensorsReader:
+    """A safetensors file read one tensor at a time with plain reads into memory of the tensor's own, its pages
+    then dropped from the page cache: no mapping of the file stays behind the tensors a model keeps, and reading
+    costs one tensor more than what is kept."""
+
+    DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+    def __init__(self, path):
+        self.file = open(path, "rb")
+        size = int.from_bytes(self.file.read(8), "little")
+        self.header = json.loads(self.file.read(size))
+        self.header.pop("__metadata__", None)
+        self.start = 8 + size
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        entry = self.header[key]
+        begin, end = entry["data_offsets"]
+        data = torch.empty(end - begin, dtype=torch.uint8)
+        self.file.seek(self.start + begin)
+        self.file.readinto(memoryview(data.numpy()))
+        if hasattr(os, "posix_fadvise"):  # the whole file: what was read ahead too
+            os.posix_fadvise(self.file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        return data.view(self.DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
+
+
+def load_quanto_folder(cls, path, config, dtype=None, device_map=None, **kwargs):
+    """The model of a folder `omnilmm-quantize` wrote: built on the meta device, the `Linear` layers its file holds
+    quantized (`<layer>.weight._data`, quanto's serialization) made quanto `QLinear`s, then its tensors read one
+    module at a time (`SafetensorsReader`), so that loading holds the quantized weights plus one layer. Everything
+    else is bfloat16."""
+    from optimum.quanto.nn import quantize_module
+    from transformers import GenerationConfig
+    from transformers.utils import cached_file
+
+    if kwargs.get("quantization_config") is not None:
+        raise ValueError(f"{path} is quantized already ({config.quanto_weights}): leave out `quantization_config`")
+    if dtype not in (None, "auto", "bfloat16", torch.bfloat16):
+        raise ValueError(f"{path} holds {config.quanto_weights} weights computed in bfloat16: leave out `dtype`")
+    if isinstance(device_map, dict) or device_map == "auto":
+        raise ValueError("a quantized folder loads on one device: give `device_map` as a device (\"cpu\", \"cuda\")")
+    hub = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
+    index = cached_file(path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False, **hub)
+    names = sorted(set(json.loads(open(index).read())["weight_map"].values())) if index else ["model.safetensors"]
+    files = [cached_file(path, name, **hub) for name in names]
+    with torch.device("meta"):
+        model = cls(config)
+    for file in files:
+        with SafetensorsReader(file) as weights:
+            owners = defaultdict(dict)  # module name -> {its state-dict key: the file's key}
+            for key in weights.keys():
+                owner, _, name = key.partition(".weight.") if ".weight._" in key else key.rpartition(".")
+                owners[owner][f"weight.{name}" if ".weight._" in key else name] = key
+            for owner, keys in owners.items():
+                if any(name.startswith("weight._") for name in keys):  # the file decides which are quantized
+                    model.set_submodule(owner, quantize_module(model.get_submodule(owner),
+                                                               weights=f"q{config.quanto_weights}"))
+                state = {name: weights.get_tensor(key) for name, key in keys.items()}
+                model.get_submodule(owner).load_state_dict(state, strict=False, assign=True)
+                del state
+                if MALLOC_TRIM is not None:  # glibc keeps the freed read and repacking buffers otherwise
+                    MALLOC_TRIM(0)
+    for module in model.modules():  # the buffers no checkpoint holds
+        if getattr(module, "k_bias", None) is not None and module.k_bias.is_meta:  # timm EVA's zero key bias
+            module.k_bias = torch.zeros_like(module.q_bias)
+        elif getattr(module, "inv_freq", None) is not None and module.inv_freq.is_meta:  # rotary embedding
+            module.__init__(module.config)
+    model.tie_weights()
+    missing = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
+    if missing:
+        raise ValueError(f"{path} lacks {len(missing)} tensors (e.g. {missing[:3]}): run omnilmm-quantize again")
+    model.config._name_or_path = model.name_or_path = str(path)
+    if cached_file(path, "generation_config.json", _raise_exceptions_for_missing_entries=False, **hub):
+        model.generation_config = GenerationConfig.from_pretrained(path, **hub)
+    return model.to(device_map or "cpu").eval()
 
 
 def stream_answer(model, tokenizer, generate_kwargs):

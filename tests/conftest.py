@@ -117,3 +117,42 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+MEMORY_CGROUPS = Path("/sys/fs/cgroup/memory")  # the cgroup v1 memory controller (root only)
+
+
+def run_in_memory_cgroup(command, limit_bytes=None, timeout=900):
+    """Run `command` in a new memory cgroup (v1) limited to `limit_bytes` (None: unlimited), as a laptop's memory
+    limits it: the kernel reclaims page cache first and kills the process when what it holds does not fit. Returns
+    the `CompletedProcess` and the cgroup's peak usage in bytes (its resident memory and the page cache it read)."""
+    import itertools
+    import subprocess
+
+    if not (MEMORY_CGROUPS / "cgroup.procs").is_file() or not os.access(MEMORY_CGROUPS, os.W_OK):
+        raise RuntimeError(f"the memory-limit tests need the cgroup v1 memory controller at {MEMORY_CGROUPS}, "
+                           "writable (run them as root)")
+    for n in itertools.count():
+        group = MEMORY_CGROUPS / f"omnilmm-test-{os.getpid()}-{n}"
+        if not group.exists():
+            break
+    group.mkdir()
+    try:
+        if limit_bytes is not None:
+            (group / "memory.limit_in_bytes").write_text(str(int(limit_bytes)))
+            if (group / "memory.memsw.limit_in_bytes").is_file():  # no swapping out of the limit either
+                (group / "memory.memsw.limit_in_bytes").write_text(str(int(limit_bytes)))
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                                preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid())))
+        return result, int((group / "memory.max_usage_in_bytes").read_text())
+    finally:
+        group.rmdir()
+
+
+def drop_page_cache(folder):
+    """Evict `folder`'s files from the page cache, so that a process reading them next pays for their pages."""
+    for path in Path(folder).iterdir():
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+                os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
