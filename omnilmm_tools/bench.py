@@ -25,7 +25,6 @@ and reports medians and the median of the per-repetition ratios, next to its tar
 The model is random (no download), at the sizes of `--preset` (see `PRESETS`; `--smoke` = tiny, seconds).
 """
 
-import ctypes
 import gc
 import json
 import math
@@ -97,9 +96,9 @@ PRESETS = {
         ),
         "photos": [(1600, 1200), (4000, 3000)],
         "tile_image": (1600, 1200),
-        "reps": dict(preprocess=5, vision=4, overhead=7, multiturn=6, batched=2, load=5, serving=2, quantize=2,
+        "reps": dict(preprocess=5, vision=4, overhead=7, multiturn=6, batched=2, load=5, serving=2, quantize=1,
                      video=2, demo=3),
-        "new_tokens": dict(overhead=24, multiturn=8, batched=32, serving=32, quantize=8, demo=64),
+        "new_tokens": dict(overhead=24, multiturn=8, batched=32, serving=32, quantize=16, demo=64),
     },
     # GPU: the real widths (EVA 1792, Mistral 4096) with a few layers.
     "gpu": {
@@ -696,10 +695,18 @@ def bench_serving(bench: Bench, workdir: Path):
 # 8. Weight-only quantization
 # ---------------------------------------------------------------------------------------------------------------
 
-QUANTIZED_PROMPTS = 4
-# Not quantized: the LM head (the logits' precision) and the resampler (its nn.MultiheadAttention reads
-# `out_proj.weight` itself). The vision tower is quantized: at the 12B's size it is 4.3 of 11.6 B parameters.
-NOT_QUANTIZED = ["lm_head", "model.resampler"]
+CPU_FEATURES = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX-512 BF16", "amx_bf16": "AMX"}
+
+
+def cpu_features() -> str:
+    """The CPU's model and the features that decide which precision is fastest on it (bf16 is emulated, and
+    slower than fp32, without AVX-512 BF16 or AMX)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    flags = set(fields.get("flags\t\t", fields.get("flags", "")).split())
+    name = fields.get("model name\t", platform.processor() or "?").strip()
+    present = ", ".join(f"{label} {'yes' if flag in flags else 'no'}" for flag, label in CPU_FEATURES.items())
+    return f"{name} ({present}; torch dispatches {torch.backends.cpu.get_cpu_capability()})"
 
 
 def vm_status(key: str) -> int:
@@ -718,20 +725,22 @@ def tensor_bytes(tensor) -> int:
 
 
 def quantized_run(folder, precision, new_tokens, reps, out):
-    """One contender of comparison 8, in a fresh process: load `folder` in bf16 or with quanto `precision` weights,
-    answer the bench's image prompts greedily; write its memory, decode time, tokens and first-step logits to
-    `out` (a torch file)."""
-    from transformers import AutoModelForCausalLM, AutoProcessor, QuantoConfig
+    """One contender of comparison 8, in a fresh process: load `folder` (fp32 or bf16: a full-precision folder in
+    that dtype; int8 or int4: a folder `omnilmm-quantize` wrote, as it is) and answer one image question greedily;
+    write to `out` (a torch file) its weight bytes, its loading peak over the process's baseline (the imports, the
+    processor and the question), the whole question's time, a decoding step's time, its tokens and logits."""
+    from transformers import AutoModelForCausalLM, AutoProcessor
 
     new_tokens, reps = int(new_tokens), int(reps)
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-    prompts, images = image_questions(processor, QUANTIZED_PROMPTS)
-    inputs = processor(text=prompts, images=[[image] for image in images], return_tensors="pt")
+    prompts, images = image_questions(processor, 1)
+    inputs = processor(text=prompts, images=[images], return_tensors="pt")
     gc.collect()
-    baseline = {key: vm_status(key) for key in ("RssAnon", "RssFile", "VmRSS")}
-    config = None if precision == "bf16" else QuantoConfig(weights=precision, modules_to_not_convert=NOT_QUANTIZED)
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.bfloat16,
-                                                 quantization_config=config).eval()
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    baseline = vm_status("VmRSS")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(precision)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=dtype).eval()
+    peak = vm_status("VmHWM") - baseline
     weights = sum(tensor_bytes(tensor) for tensor in model.state_dict().values())
 
     def answer(n):
@@ -746,22 +755,29 @@ def quantized_run(folder, precision, new_tokens, reps, out):
             started = time.perf_counter()
             answer(n)
             times[name].append(time.perf_counter() - started)
-    decode = max(1e-9, median(times["all"]) - median(times["first"])) / max(1, new_tokens - 1)
-    gc.collect()
-    ctypes.CDLL(None).malloc_trim(0)  # the allocator keeps freed loading buffers otherwise
-    # every weight touched by now; bf16 weights stay mmap'd file pages, quantized ones are anonymous memory
-    resident = {key: vm_status(key) - baseline[key] for key in ("RssAnon", "RssFile")}
-    torch.save({"weights": weights, "resident": resident, "peak": vm_status("VmHWM") - baseline["VmRSS"],
-                "decode_s": decode,
-                "tokens": output.sequences[:, inputs["input_ids"].shape[1] :].tolist(),
+    torch.save({"weights": weights, "peak": peak, "question_s": median(times["all"]),
+                "decode_s": max(1e-9, median(times["all"]) - median(times["first"])) / max(1, new_tokens - 1),
+                "tokens": output.sequences[0, inputs["input_ids"].shape[1] :].tolist(),
                 "logits": output.logits[0].float()}, out)
 
 
+def run_quantize_command(src: Path, dst: Path, weights: str) -> tuple[float, int]:
+    """`omnilmm-quantize src dst --weights ...` in its own process: its time and its peak resident memory."""
+    code = ("import sys; from omnilmm_tools.quantize import main; from omnilmm_tools.bench import vm_status; "
+            "main(sys.argv[1:]); print('VmHWM', vm_status('VmHWM'))")
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", code, str(src), str(dst), "--weights", weights],
+                            capture_output=True, text=True, cwd=str(Path(__file__).parent.parent))
+    if result.returncode != 0:
+        raise RuntimeError(f"omnilmm-quantize --weights {weights} failed:\n{result.stderr[-3000:]}")
+    return time.perf_counter() - started, int(result.stdout.split("VmHWM")[-1])
+
+
 def bench_quantization(bench: Bench, workdir: Path):
-    """bf16, int8 and int4 (optimum-quanto, weight-only) of one random folder, each in its own process on the CPU:
-    the bytes of the loaded weights (and, as information, the process's resident memory after answering and its peak
-    while loading, the interpreter's own subtracted), the time per decoding step of a batch of image prompts, and the
-    greedy tokens and first-step logits against bf16."""
+    """A laptop's question, on one random decoder-heavy folder: fp32 and bf16 (the full-precision folder) against
+    the int4 folder `omnilmm-quantize` writes (optimum-quanto, weight-only), each in its own process on the CPU:
+    the weights' bytes, the loading peak against them, and the time of a whole image question (prefill and
+    decoding) against the fastest full precision on this CPU; the int4 answer's agreement with bf16."""
     try:
         import optimum.quanto  # noqa: F401
     except ImportError:
@@ -770,41 +786,43 @@ def bench_quantization(bench: Bench, workdir: Path):
 
     sizes, reps = bench.preset["quantize"], bench.preset["reps"]["quantize"]
     new_tokens = bench.preset["new_tokens"]["quantize"]
-    header(f"8. Weight-only quantization (optimum-quanto) on the CPU: int8 and int4 against bf16 ({describe(sizes)})")
+    header(f"8. Weight-only quantization (omnilmm-quantize, optimum-quanto) on the CPU ({describe(sizes)})")
+    print(f"  CPU: {cpu_features()}")
     folder = workdir / "quantize"
     model = random_model(omnilmm_config(sizes), torch.device("cpu"), torch.bfloat16)
+    largest = max(tensor_bytes(tensor) for tensor in model.state_dict().values())
     save_hub_folder(model, build_processor(slice_mode=False), folder)
     del model
     gc.collect()
+    quantized = workdir / "quantize-int4"
+    seconds, command_peak = run_quantize_command(folder, quantized, "int4")
     results = {}
-    for precision in ("bf16", "int8", "int4"):
+    for precision, path in (("fp32", folder), ("bf16", folder), ("int4", quantized)):
         out = workdir / f"{precision}.pt"
-        command = [sys.executable, "-c", "import sys; from omnilmm_tools.bench import quantized_run; "
-                   "quantized_run(*sys.argv[1:])", str(folder), precision, str(new_tokens), str(reps), str(out)]
-        result = subprocess.run(command, capture_output=True, text=True, cwd=str(Path(__file__).parent.parent))
+        code = "import sys; from omnilmm_tools.bench import quantized_run; quantized_run(*sys.argv[1:])"
+        result = subprocess.run([sys.executable, "-c", code, str(path), precision, str(new_tokens), str(reps),
+                                 str(out)], capture_output=True, text=True, cwd=str(Path(__file__).parent.parent))
         if result.returncode != 0:
             raise RuntimeError(f"the {precision} run failed:\n{result.stderr[-3000:]}")
         results[precision] = torch.load(out)
-    reference = results["bf16"]
-
-    def resident(run):  # file pages: the bf16 weights, mmap'd (quantized runs: what quantizing read; reclaimable)
-        return f"{run['resident']['RssAnon'] / 1e9:.2f} GB anonymous + {run['resident']['RssFile'] / 1e9:.2f} GB file pages"
-
-    for precision, target_memory, target_speed in (("int8", "info", "info"), ("int4", "<= 0.35", ">= 1.00")):
-        run = results[precision]
-        same = sum(a == b for a, b in zip(run["tokens"], reference["tokens"]))
-        drift = float((run["logits"] - reference["logits"]).abs().max())
-        scale = float(reference["logits"].abs().max())
-        agreement = (f"greedy tokens equal for {same} of {QUANTIZED_PROMPTS} prompts ({new_tokens} tokens each), "
-                     f"first-step logit drift {drift:.3f} (logits reach {scale:.2f})")
-        bench.add("8 quantization", f"{precision} weight memory / bf16 (LM head and resampler in bf16)",
-                  run["weights"] / reference["weights"], target_memory,
-                  f"{run['weights'] / 1e9:.2f} GB vs {reference['weights'] / 1e9:.2f} GB of weights. After answering "
-                  f"the process holds {resident(run)} ({resident(reference)} in bf16) and peaked at "
-                  f"{run['peak'] / 1e9:.2f} vs {reference['peak'] / 1e9:.2f} GB while loading; {agreement}")
-        bench.add("8 quantization", f"{precision} decode speed / bf16 (batch of {QUANTIZED_PROMPTS})",
-                  reference["decode_s"] / run["decode_s"], target_speed,
-                  f"{fmt_s(run['decode_s'])} vs {fmt_s(reference['decode_s'])} per decoding step")
+    fp32, bf16, int4 = results["fp32"], results["bf16"], results["int4"]
+    fastest = min(("fp32", "bf16"), key=lambda precision: results[precision]["question_s"])
+    drift = float((int4["logits"] - bf16["logits"]).abs().max())
+    bench.add("8 quantization", "int4 weights / bf16 (LM head and resampler in bf16)",
+              int4["weights"] / bf16["weights"], "<= 0.35",
+              f"{int4['weights'] / 1e9:.2f} GB vs {bf16['weights'] / 1e9:.2f} GB; omnilmm-quantize took {seconds:.0f} s "
+              f"and peaked at {command_peak / 1e9:.2f} GB resident (the largest tensor: {largest / 1e6:.0f} MB)")
+    bench.add("8 quantization", "int4 loading peak / its weights (over the process's baseline)",
+              int4["peak"] / int4["weights"], "<= 1.25",
+              f"{int4['peak'] / 1e9:.2f} GB while loading the int4 folder (the bf16 folder: fp32 {fp32['peak'] / 1e9:.2f}"
+              f" GB, bf16 {bf16['peak'] / 1e9:.2f} GB)")
+    bench.add("8 quantization", f"int4 whole image question / fastest full precision ({fastest})",
+              int4["question_s"] / results[fastest]["question_s"], "< 1.00",
+              f"one image question, {new_tokens} new tokens: {fmt_s(int4['question_s'])} vs fp32 "
+              f"{fmt_s(fp32['question_s'])}, bf16 {fmt_s(bf16['question_s'])}; a decoding step "
+              f"{fmt_s(int4['decode_s'])} vs fp32 {fmt_s(fp32['decode_s'])}, bf16 {fmt_s(bf16['decode_s'])}; greedy "
+              f"tokens {'equal' if int4['tokens'] == bf16['tokens'] else 'differ'} (random weights), first-step "
+              f"logit drift {drift:.3f} (logits reach {float(bf16['logits'].abs().max()):.2f})")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -74,8 +74,12 @@ class SafetensorsWriter:
 
 
 def quantized_linear(weight: torch.Tensor, bias, weights: str) -> dict:
-    """quanto's serialization of `Linear(weight, bias)` quantized to `weights` (what `QLinear.state_dict()` holds)."""
+    """quanto's serialization of `Linear(weight, bias)` quantized to `weights`: what `QLinear.freeze()` then
+    `state_dict()` give, computed straight in the kernel-agnostic layout (`optimized=False`) that the state dict
+    holds (on a CPU, `freeze()` packs int4 for the CPU kernel, and saving unpacks it again, 0.6 s a layer)."""
     from optimum.quanto.nn import quantize_module
+    from optimum.quanto.tensor.optimizers import SymmetricOptimizer
+    from optimum.quanto.tensor.weights import quantize_weight
 
     with torch.device("meta"):
         linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
@@ -83,7 +87,13 @@ def quantized_linear(weight: torch.Tensor, bias, weights: str) -> dict:
     if bias is not None:
         linear.bias = nn.Parameter(bias, requires_grad=False)
     layer = quantize_module(linear, weights=f"q{weights}")
-    layer.freeze()
+    qtype, group_size = layer.weight_qtype, layer.weight_group_size
+    if isinstance(layer.optimizer, SymmetricOptimizer):
+        scale, shift = layer.optimizer(weight, qtype=qtype, axis=0), None
+    else:
+        scale, shift = layer.optimizer(weight, qtype=qtype, axis=0, group_size=group_size)
+    layer.weight = nn.Parameter(quantize_weight(weight, qtype=qtype, axis=0, scale=scale, shift=shift,
+                                                group_size=group_size, optimized=False), requires_grad=False)
     state = layer.state_dict()
     del layer, linear
     trim = remote_module("modeling_omnilmm").MALLOC_TRIM

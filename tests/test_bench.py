@@ -15,12 +15,12 @@ EXPECTED_ROWS = {
     "5 batched generation": 1,
     "6 conversion": 1,
     "6 loading": 2,
-    "8 quantization": 4,  # int8 and int4: weight memory and decode speed
+    "8 quantization": 3,  # int4: weights, loading peak and a whole question's time
     "9 video": 6,  # decoding (2 keyframe intervals), tokens and encoding per second of video (num_query 64, 256)
 }
 # ours / MiniCPM-V's decord recipe, / vLLM's OpenCV loader, / torchcodec, for both clips, where those are installed
 VLLM_OPENCV = bench_video.optional("vllm.multimodal.video") and bench_video.optional("cv2")
-TORCHCODEC = bench_video.optional("torchcodec.decoders")
+TORCHCODEC = bench_video.torchcodec_decodes()
 EXPECTED_ROWS["9 video"] += 2 * (bench_video.optional("decord") + VLLM_OPENCV + TORCHCODEC)
 # the page's last and first token against chat()'s, where Gradio, Playwright and chromium are installed
 WEB_DEMO = bench_video.optional("gradio") and bench_video.optional("playwright.sync_api") and shutil.which("chromium")
@@ -44,6 +44,7 @@ def smoke_output(tmp_path_factory):
 def test_smoke_prints_every_comparison_with_a_ratio_and_a_verdict(smoke_output):
     for title in ("== 1.", "== 2.", "== 3.", "== 4.", "== 5.", "== 6.", "== 8.", "== 9.", "== Summary"):
         assert title in smoke_output, f"{title} missing from:\n{smoke_output}"
+    assert re.search(r"CPU: .+AVX2 (yes|no), AVX-512 (yes|no), AVX-512 BF16 (yes|no), AMX (yes|no)", smoke_output)
     rows = ROW.findall(smoke_output)
     assert len(rows) == sum(EXPECTED_ROWS.values()), smoke_output
     for _, ratio, _, _, _ in rows:
