@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .cli import Parser, fail, positive_float, positive_int, torch_device
+from .cli import Parser, fail, load_dtype, positive_float, positive_int, torch_device
 from .cpu_decoding import block_lm_head
 from .remote import DEMO_MODEL
 
@@ -50,8 +50,8 @@ def main(argv=None) -> None:
     logging.disable_progress_bar()  # the answer alone on the terminal
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float32 if device == "cpu" else "auto"
-    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True, dtype=dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True,
+                                                 dtype=load_dtype(args.model, device)).to(device).eval()
     block_lm_head(model)  # faster CPU decoding of small batches
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
     torch.manual_seed(0)

@@ -69,3 +69,15 @@ def torch_device(text: str) -> str:
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise argparse.ArgumentTypeError(f"{text}: MPS is not available here; use --device cpu")
     return text
+
+
+def load_dtype(folder, device: str):
+    """The dtype the commands load `folder` in: fp32 on a CPU (fast everywhere, exact), the folder's own elsewhere
+    and for a folder of quantized weights (`omnilmm-quantize`'s, computed in bf16)."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    return torch.float32 if device == "cpu" and not config.get("quanto_weights") else "auto"

@@ -74,11 +74,12 @@ class LocalModel:
         import torch
         from transformers import AutoModelForCausalLM, AutoProcessor
 
+        from .cli import load_dtype
         from .cpu_decoding import block_lm_head
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.float32 if device == "cpu" else "auto"
-        self.model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=dtype).to(device)
+        self.model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True,
+                                                          dtype=load_dtype(folder, device)).to(device)
         self.model.eval()
         block_lm_head(self.model)
         self.processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)

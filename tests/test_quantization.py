@@ -118,3 +118,14 @@ def test_quantizing_and_loading_say_what_is_wrong(tmp_path):
                              str(tmp_path / "out")], capture_output=True, text=True)
     assert result.returncode == 1 and result.stderr.count("\n") == 1 and "not a full-precision" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_chat_command_answers_from_a_quantized_folder(tmp_path):
+    folder = quantize_folder(DEMO_MODEL, tmp_path / "int4", "int4")
+    image = ROOT / "assets" / "sample.png"
+    result = subprocess.run([sys.executable, "-m", "omnilmm_tools.chat_cli", "--model", str(folder), "--image",
+                             str(image), "What colour is the shape?"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    expected = model.chat(image=Image.open(image), msgs=QUESTION, sampling=False, max_new_tokens=64)
+    assert result.stdout.strip() == expected
