@@ -396,13 +396,33 @@ def load_model_and_processor(args):
     if args.init_config:
         model, processor = init_from_config(args.init_config)
     else:
-        model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True, dtype=torch.float32,
+                                                     quantization_config=qlora_config(args))
         processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
     if args.max_slice_nums is not None:
         processor.image_processor.max_slice_nums = args.max_slice_nums
     if args.attn_implementation:
         model.config._attn_implementation = args.attn_implementation
     return model, processor
+
+
+QLORA_KEEP = ["lm_head", "model.resampler", "model.vision_tower"]  # frozen or trained fully: not in 4 bits
+
+
+def qlora_config(args):
+    """QLoRA's base (`--qlora`): the decoder's linear layers in 4-bit NF4 with double quantization (bitsandbytes),
+    computed in bf16 with `--bf16`, else fp32; `None` without `--qlora`."""
+    if not args.qlora:
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise SystemExit("omnilmm-finetune: --qlora needs bitsandbytes: pip install 'omnilmm-hf[qlora]'") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+                              llm_int8_skip_modules=QLORA_KEEP)
 
 
 def lora_target_regex(targets: list[str]) -> str:
@@ -541,6 +561,8 @@ def parse_args(argv=None):
     parser.add_argument("--tune-llm", action=argparse.BooleanOptionalAction, default=True,
                         help="train the language model fully (ignored with --lora, which trains adapters instead)")
     parser.add_argument("--lora", action="store_true", help="LoRA adapters on the LLM; the resampler is trained fully")
+    parser.add_argument("--qlora", action="store_true",
+                        help="QLoRA: LoRA adapters (as --lora) on a 4-bit NF4 decoder (bitsandbytes)")
     parser.add_argument("--lora-target-modules", default=",".join(DEFAULT_LORA_TARGETS),
                         help="comma-separated projection names of the decoder layers to adapt (vision tower excluded)")
     parser.add_argument("--lora-r", type=positive_int, default=64, help="LoRA rank")
@@ -593,6 +615,13 @@ def parse_args(argv=None):
     parser.add_argument("--report-to", default="none", help="a Trainer report_to integration (tensorboard, wandb ...)")
     args = parser.parse_args(argv)
     args.lora_target_modules = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
+    if args.qlora:
+        for flag, value in (("--merge-lora", args.merge_lora), ("--init-config", args.init_config),
+                            ("--deepspeed", args.deepspeed), ("--fsdp", args.fsdp)):
+            if value:
+                parser.error(f"--qlora trains adapters on a 4-bit base: {flag} does not go with it (merge the adapter "
+                             "into the full-precision model afterwards)")
+        args.lora = True
     if args.merge_lora and not args.lora:
         parser.error("--merge-lora needs --lora")
     if args.fsdp and (args.cpu or not torch.accelerator.is_available()):

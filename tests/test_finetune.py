@@ -448,3 +448,35 @@ def test_bad_sample_stops_the_run_by_name(workdir, bad_data):
         finetune.main(["--init-config", str(workdir / "tiny.json"), "--data", str(bad_data),
                        "--output", str(workdir / "stopped"), "--bad-sample", "stop", "--max-steps", "1"])
     assert not (workdir / "stopped" / "model.safetensors").exists()
+
+
+def test_qlora_trains_the_demo_model_and_its_adapter_answers_on_the_full_precision_base(tmp_path):
+    """QLoRA (`--qlora`: LoRA on a 4-bit NF4 decoder, bitsandbytes, here on the CPU) teaches the demo model a new
+    answer format; the adapter, put on the full-precision model, answers in it, about a picture it never saw."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    data = shapes.write_dataset(tmp_path / "data", n=48, seed=5)
+    samples = json.loads(data.read_text())
+    for sample in samples:
+        for turn in sample["conversations"]:
+            if turn["role"] == "assistant":
+                turn["content"] = f"{turn['content']}, I think."
+    data.write_text(json.dumps(samples))
+    output = tmp_path / "qlora"
+    finetune.main(["--model", str(DEMO_MODEL), "--data", str(data), "--output", str(output), "--qlora",
+                   "--lora-r", "16", "--lora-alpha", "32", "--max-steps", "200", "--batch-size", "4", "--lr", "1e-3",
+                   "--no-tune-vision", "--logging-steps", "1", "--report-to", "none"])
+    curve = losses(output)
+    print(f"QLoRA: losses {[round(loss, 3) for loss in curve]}")
+    assert sum(curve[-3:]) / 3 < 0.5 * curve[0], curve
+    assert (output / "adapter_model.safetensors").is_file()
+
+    base = AutoModelForCausalLM.from_pretrained(DEMO_MODEL, trust_remote_code=True, dtype=torch.float32).eval()
+    item = shapes.eval_items(seed=77, n=1)[0]
+    image = item.image
+    question = [{"role": "user", "content": item.question}]
+    before = base.chat(image=image, msgs=question, sampling=False, max_new_tokens=8)
+    adapted = PeftModel.from_pretrained(base, output).eval()
+    after = adapted.chat(image=image, msgs=question, sampling=False, max_new_tokens=8)
+    assert before == item.answer and after == f"{item.answer}, I think.", (before, after)
