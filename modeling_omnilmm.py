@@ -614,9 +614,13 @@ def load_quanto_folder(cls, path, config, dtype=None, device_map=None, **kwargs)
     quantized (`<layer>.weight._data`, quanto's serialization) made quanto `QLinear`s, then its tensors read one
     module at a time (`SafetensorsReader`), so that loading holds the quantized weights plus one layer. Everything
     else is bfloat16."""
-    from optimum.quanto.nn import quantize_module
     from transformers import GenerationConfig
     from transformers.utils import cached_file
+
+    try:  # (in a try: transformers asks every user of this file to install what it imports, unless so guarded)
+        from optimum.quanto.nn import quantize_module
+    except ImportError:
+        raise ImportError(f"{path} holds optimum-quanto weights: pip install optimum-quanto") from None
 
     if kwargs.get("quantization_config") is not None:
         raise ValueError(f"{path} is quantized already ({config.quanto_weights}): leave out `quantization_config`")
