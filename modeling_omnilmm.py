@@ -15,6 +15,7 @@ import os
 import sys
 import threading
 from collections import OrderedDict, defaultdict
+from pathlib import Path
 
 import numpy as np
 import timm
@@ -358,7 +359,7 @@ class OmniLMMForCausalLM(OmniLMMPreTrainedModel, MistralForCausalLM):
         their config): optimum-quanto int8/int4 weights read straight into quantized layers, which transformers'
         own quanto support cannot do (it quantizes full-precision weights at every load)."""
         if config is None:
-            hub = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
+            hub = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
             config = cls.config_class.from_pretrained(pretrained_model_name_or_path, **hub)
         if getattr(config, "quanto_weights", None) is None:
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
@@ -630,7 +631,7 @@ def load_quanto_folder(cls, path, config, dtype=None, device_map=None, **kwargs)
         raise ValueError("a quantized folder loads on one device: give `device_map` as a device (\"cpu\", \"cuda\")")
     hub = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
     index = cached_file(path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False, **hub)
-    names = sorted(set(json.loads(open(index).read())["weight_map"].values())) if index else ["model.safetensors"]
+    names = sorted(set(json.loads(Path(index).read_text())["weight_map"].values())) if index else ["model.safetensors"]
     files = [cached_file(path, name, **hub) for name in names]
     with torch.device("meta"):
         model = cls(config)

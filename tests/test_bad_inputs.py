@@ -644,8 +644,10 @@ def test_malicious_pickle_is_refused_by_the_command_line(request, tmp_path):
     assert not marker.exists()
 
 
-ALLOWED_IMPORTS = {"torch", "torchvision", "transformers", "timm", "numpy", "PIL", "huggingface_hub", "av"}
-OPTIONAL_IMPORTS = {"av"}  # PyAV, for video files only: imported in a `try` block, so the files load without it
+ALLOWED_IMPORTS = {"torch", "torchvision", "transformers", "timm", "numpy", "PIL", "huggingface_hub", "av", "optimum"}
+# imported in a `try` block, so that the files load without them: PyAV for video files, optimum-quanto for quantized
+# folders
+OPTIONAL_IMPORTS = {"av", "optimum"}
 
 
 @pytest.mark.parametrize("name", REMOTE_CODE_FILES)

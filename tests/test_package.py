@@ -112,13 +112,3 @@ def test_help_texts_name_each_default_once_and_no_missing_file(venv, tmp_path):
         for option in flat.split(" --")[1:]:
             assert option.count("default") <= 1, (command, option)
 
-
-def test_the_remote_code_asks_for_nothing_beyond_the_base_install():
-    """transformers refuses to run a remote-code file until every package it imports is installed (unless the import
-    sits in a try block): what an optional feature imports (PyAV, optimum-quanto) must not stop the rest."""
-    from transformers.dynamic_module_utils import get_imports
-
-    base = {"PIL", "accelerate", "huggingface_hub", "numpy", "safetensors", "timm", "torch", "torchvision",
-            "transformers"} | set(sys.stdlib_module_names)  # the dependencies in pyproject.toml, and Python
-    for name in REMOTE_CODE_FILES:
-        assert set(get_imports(ROOT / name)) <= base, (name, set(get_imports(ROOT / name)) - base)
