@@ -610,31 +610,59 @@ class SafetensorsReader:
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
 
 
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether `device` computes in bfloat16 at full speed: a GPU, or a CPU that torch drives with AVX-512 and that
+    has AVX-512 BF16 or AMX. Elsewhere (AVX2 laptops) bf16 matmuls and convolutions are emulated, slower than fp32."""
+    if device.type != "cpu":
+        return True
+    native = [getattr(torch.cpu, name, bool)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(native) and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def cast_io(module: nn.Module, compute_dtype: torch.dtype, input_dtype: torch.dtype | None = None):
+    """Hooks that run a module kept in bfloat16 inside a model computing in `compute_dtype`: its floating inputs
+    cast to `input_dtype` (none: left alone), its output to `compute_dtype`."""
+    if input_dtype is not None:
+        module.register_forward_pre_hook(lambda _, args: tuple(
+            arg.to(input_dtype) if torch.is_tensor(arg) and arg.is_floating_point() else arg for arg in args))
+    module.register_forward_hook(lambda _, args, output: output.to(compute_dtype))
+
+
 def load_quanto_folder(cls, path, config, dtype=None, device_map=None, **kwargs):
     """The model of a folder `omnilmm-quantize` wrote: built on the meta device, the `Linear` layers its file holds
     quantized (`<layer>.weight._data`, quanto's serialization) made quanto `QLinear`s, then its tensors read one
-    module at a time (`SafetensorsReader`), so that loading holds the quantized weights plus one layer. Everything
-    else is bfloat16."""
+    module at a time (`SafetensorsReader`), so that loading holds the quantized weights plus one layer.
+
+    The rest computes in `dtype`: by default bfloat16 where the device computes it natively (`native_bfloat16`),
+    float32 elsewhere. In float32 the quantized layers (whose kernels take bfloat16), the token embedding and the
+    LM head stay in bfloat16, their inputs and outputs cast: they are nearly all the bytes, the rest is small."""
     from transformers import GenerationConfig
     from transformers.utils import cached_file
 
     try:  # (in a try: transformers asks every user of this file to install what it imports, unless so guarded)
-        from optimum.quanto.nn import quantize_module
+        from optimum.quanto.nn import QModuleMixin, quantize_module
     except ImportError:
         raise ImportError(f"{path} holds optimum-quanto weights: pip install optimum-quanto") from None
 
     if kwargs.get("quantization_config") is not None:
         raise ValueError(f"{path} is quantized already ({config.quanto_weights}): leave out `quantization_config`")
-    if dtype not in (None, "auto", "bfloat16", torch.bfloat16):
-        raise ValueError(f"{path} holds {config.quanto_weights} weights computed in bfloat16: leave out `dtype`")
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(dtype, dtype)
+    if dtype not in (None, "auto", torch.bfloat16, torch.float32):
+        raise ValueError(f"{path} holds {config.quanto_weights} weights: `dtype` may choose bfloat16 or float32 for "
+                         f"the rest (by default the faster on this device), got {dtype}")
     if isinstance(device_map, dict) or device_map == "auto":
         raise ValueError("a quantized folder loads on one device: give `device_map` as a device (\"cpu\", \"cuda\")")
+    device = torch.device(device_map or "cpu")
+    if dtype in (None, "auto"):
+        dtype = torch.bfloat16 if native_bfloat16(device) else torch.float32
     hub = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
     index = cached_file(path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False, **hub)
     names = sorted(set(json.loads(Path(index).read_text())["weight_map"].values())) if index else ["model.safetensors"]
     files = [cached_file(path, name, **hub) for name in names]
     with torch.device("meta"):
         model = cls(config)
+    embeddings = {model.get_input_embeddings(), model.get_output_embeddings()}
+    kept = {name for name, module in model.named_modules() if module in embeddings}  # stay bfloat16
     for file in files:
         with SafetensorsReader(file) as weights:
             owners = defaultdict(dict)  # module name -> {its state-dict key: the file's key}
@@ -642,10 +670,13 @@ def load_quanto_folder(cls, path, config, dtype=None, device_map=None, **kwargs)
                 owner, _, name = key.partition(".weight.") if ".weight._" in key else key.rpartition(".")
                 owners[owner][f"weight.{name}" if ".weight._" in key else name] = key
             for owner, keys in owners.items():
-                if any(name.startswith("weight._") for name in keys):  # the file decides which are quantized
+                quantized = any(name.startswith("weight._") for name in keys)  # the file decides which are
+                if quantized:
                     model.set_submodule(owner, quantize_module(model.get_submodule(owner),
                                                                weights=f"q{config.quanto_weights}"))
                 state = {name: weights.get_tensor(key) for name, key in keys.items()}
+                if not quantized and owner not in kept:
+                    state = {name: t.to(dtype) if t.is_floating_point() else t for name, t in state.items()}
                 model.get_submodule(owner).load_state_dict(state, strict=False, assign=True)
                 del state
                 if MALLOC_TRIM is not None:  # glibc keeps the freed read and repacking buffers otherwise
@@ -659,10 +690,14 @@ def load_quanto_folder(cls, path, config, dtype=None, device_map=None, **kwargs)
     missing = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
     if missing:
         raise ValueError(f"{path} lacks {len(missing)} tensors (e.g. {missing[:3]}): run omnilmm-quantize again")
+    if dtype != torch.bfloat16:
+        cast_io(model.get_input_embeddings(), dtype)
+        for module in [model.get_output_embeddings(), *filter(lambda m: isinstance(m, QModuleMixin), model.modules())]:
+            cast_io(module, dtype, input_dtype=torch.bfloat16)
     model.config._name_or_path = model.name_or_path = str(path)
     if cached_file(path, "generation_config.json", _raise_exceptions_for_missing_entries=False, **hub):
         model.generation_config = GenerationConfig.from_pretrained(path, **hub)
-    return model.to(device_map or "cpu").eval()
+    return model.to(device).eval()
 
 
 def stream_answer(model, tokenizer, generate_kwargs):

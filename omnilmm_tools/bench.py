@@ -724,12 +724,25 @@ def tensor_bytes(tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
+class StepClock:
+    """A `generate` stopping criterion that stops nothing and notes when each new token is chosen: one call gives
+    the prefill's time (to the first token) and the decoding steps' (the rest)."""
+
+    def __init__(self):
+        self.started, self.steps = time.perf_counter(), []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.steps.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 def quantized_run(folder, precision, new_tokens, reps, out):
     """One contender of comparison 8, in a fresh process: load `folder` (fp32 or bf16: a full-precision folder in
-    that dtype; int8 or int4: a folder `omnilmm-quantize` wrote, as it is) and answer one image question greedily;
-    write to `out` (a torch file) its weight bytes, its loading peak over the process's baseline (the imports, the
-    processor and the question), the whole question's time, a decoding step's time, its tokens and logits."""
-    from transformers import AutoModelForCausalLM, AutoProcessor
+    that dtype; int8 or int4: a folder `omnilmm-quantize` wrote, as it is: it computes in the faster of the two on
+    this CPU) and answer one image question greedily; write to `out` (a torch file) its weight bytes, its loading
+    peak over the process's baseline (the imports, the processor and the question), the whole question's time, a
+    decoding step's time, its tokens and logits, and the dtype it computed in."""
+    from transformers import AutoModelForCausalLM, AutoProcessor, StoppingCriteriaList
 
     new_tokens, reps = int(new_tokens), int(reps)
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
@@ -742,23 +755,22 @@ def quantized_run(folder, precision, new_tokens, reps, out):
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=dtype).eval()
     peak = vm_status("VmHWM") - baseline
     weights = sum(tensor_bytes(tensor) for tensor in model.state_dict().values())
+    computes = model.model.norm.weight.dtype
 
-    def answer(n):
+    def answer(n, clock=None):
         with torch.no_grad():  # (quanto's int4 weights fail under inference_mode: "Cannot set version_counter")
             return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, output_logits=True,
-                                  return_dict_in_generate=True)
+                                  return_dict_in_generate=True, stopping_criteria=StoppingCriteriaList([clock] if clock else []))
 
-    output = answer(new_tokens)  # also the warm-up
-    times = {"all": [], "first": []}
+    answer(1)  # the warm-up
+    questions, steps = [], []
     for _ in range(reps):
-        for name, n in (("all", new_tokens), ("first", 1)):
-            started = time.perf_counter()
-            answer(n)
-            times[name].append(time.perf_counter() - started)
-    torch.save({"weights": weights, "peak": peak, "question_s": median(times["all"]),
-                "decode_s": max(1e-9, median(times["all"]) - median(times["first"])) / max(1, new_tokens - 1),
+        output = answer(new_tokens, clock := StepClock())
+        questions.append(clock.steps[-1] - clock.started)
+        steps.append((clock.steps[-1] - clock.steps[0]) / max(1, new_tokens - 1))
+    torch.save({"weights": weights, "peak": peak, "question_s": median(questions), "decode_s": median(steps),
                 "tokens": output.sequences[0, inputs["input_ids"].shape[1] :].tolist(),
-                "logits": output.logits[0].float()}, out)
+                "logits": output.logits[0].float(), "computes": str(computes).removeprefix("torch.")}, out)
 
 
 def run_quantize_command(src: Path, dst: Path, weights: str) -> tuple[float, int]:
@@ -808,10 +820,13 @@ def bench_quantization(bench: Bench, workdir: Path):
     fp32, bf16, int4 = results["fp32"], results["bf16"], results["int4"]
     fastest = min(("fp32", "bf16"), key=lambda precision: results[precision]["question_s"])
     drift = float((int4["logits"] - bf16["logits"]).abs().max())
-    bench.add("8 quantization", "int4 weights / bf16 (LM head and resampler in bf16)",
-              int4["weights"] / bf16["weights"], "<= 0.35",
-              f"{int4['weights'] / 1e9:.2f} GB vs {bf16['weights'] / 1e9:.2f} GB; omnilmm-quantize took {seconds:.0f} s "
-              f"and peaked at {command_peak / 1e9:.2f} GB resident (the largest tensor: {largest / 1e6:.0f} MB)")
+    files = folder_bytes(quantized), folder_bytes(folder)
+    bench.add("8 quantization", "int4 weights / bf16 (the files; embedding, LM head, resampler in bf16)",
+              files[0] / files[1], "<= 0.35",
+              f"{files[0] / 1e9:.2f} GB vs {files[1] / 1e9:.2f} GB; in memory {int4['weights'] / 1e9:.2f} GB vs "
+              f"{bf16['weights'] / 1e9:.2f} GB (int4's other layers compute in {int4['computes']} on this CPU); "
+              f"omnilmm-quantize took {seconds:.0f} s and peaked at {command_peak / 1e9:.2f} GB resident (the largest "
+              f"tensor: {largest / 1e6:.0f} MB)")
     bench.add("8 quantization", "int4 loading peak / its weights (over the process's baseline)",
               int4["peak"] / int4["weights"], "<= 1.25",
               f"{int4['peak'] / 1e9:.2f} GB while loading the int4 folder (the bf16 folder: fp32 {fp32['peak'] / 1e9:.2f}"

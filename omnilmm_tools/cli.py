@@ -72,8 +72,9 @@ def torch_device(text: str) -> str:
 
 
 def load_dtype(folder, device: str):
-    """The dtype the commands load `folder` in: fp32 on a CPU (fast everywhere, exact), the folder's own elsewhere
-    and for a folder of quantized weights (`omnilmm-quantize`'s, computed in bf16)."""
+    """The dtype the commands load `folder` in: fp32 on a CPU (fast everywhere, exact), the folder's own elsewhere;
+    for a folder of quantized weights (`omnilmm-quantize`'s), its loader's choice for the rest (bf16 where the device
+    computes it natively, else fp32)."""
     import json
     from pathlib import Path
 

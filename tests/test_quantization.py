@@ -4,6 +4,7 @@ compute at every load, bit for bit), within a memory limit of the folder's own s
 evaluation."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -41,7 +42,7 @@ def plain(tensor):
 def test_a_quantized_folder_loads_what_quantizing_on_load_computes_and_chats(tmp_path, weights):
     folder = run_converter(make_original_folder(tmp_path / "original"), tmp_path / "hub")
     quantize_folder(folder, tmp_path / weights, weights)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / weights, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / weights, trust_remote_code=True, dtype=torch.bfloat16)
     expected = quantized_on_load(folder, weights)
     layers = {type(model.model.layers[0].mlp.up_proj).__name__,
               type(model.model.vision_tower.blocks[0].attn.qkv).__name__}
@@ -92,17 +93,38 @@ def test_a_quantized_folder_and_the_quantize_command_fit_their_memory_bounds(tmp
 
 
 def test_the_demo_model_keeps_its_evaluation_within_two_points(tmp_path):
+    """int8 and int4, the rest computing in bfloat16 and in float32 (what a CPU without native bf16 gets)."""
     processor = AutoProcessor.from_pretrained(DEMO_MODEL, trust_remote_code=True)
     seed, n = 2027, 200  # a seed no training run used
     accuracy = {"bf16": eval_shapes.evaluate(AutoModelForCausalLM.from_pretrained(
         DEMO_MODEL, trust_remote_code=True, dtype=torch.bfloat16).eval(), processor, seed, n)["accuracy"]}
     for weights in ("int8", "int4"):
-        model = AutoModelForCausalLM.from_pretrained(quantize_folder(DEMO_MODEL, tmp_path / weights, weights),
-                                                     trust_remote_code=True)
-        accuracy[weights] = eval_shapes.evaluate(model, processor, seed, n)["accuracy"]
+        folder = quantize_folder(DEMO_MODEL, tmp_path / weights, weights)
+        for dtype in (torch.bfloat16, torch.float32):
+            model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=dtype)
+            accuracy[f"{weights} {dtype}"] = eval_shapes.evaluate(model, processor, seed, n)["accuracy"]
     print({weights: round(result["all"], 3) for weights, result in accuracy.items()})
-    for weights in ("int8", "int4"):
-        assert abs(accuracy[weights]["all"] - accuracy["bf16"]["all"]) <= 0.02, accuracy
+    assert all(abs(result["all"] - accuracy["bf16"]["all"]) <= 0.02 for result in accuracy.values()), accuracy
+
+
+def test_a_quantized_folder_computes_in_float32_where_bfloat16_is_emulated(tmp_path):
+    """The rest of the model (norms, attention, vision tower, resampler) computes in float32 on a CPU without native
+    bf16 (torch held to AVX2 here), by default; the int4 layers, the embedding and the LM head stay as stored."""
+    folder = quantize_folder(DEMO_MODEL, tmp_path / "int4", "int4")
+    code = ("import sys, torch; from transformers import AutoModelForCausalLM; "
+            "model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True); "
+            "print(torch.backends.cpu.get_cpu_capability(), model.model.norm.weight.dtype, "
+            "model.model.vision_tower.patch_embed.proj.weight.dtype, type(model.model.layers[0].mlp.up_proj).__name__, "
+            "model.lm_head.weight.dtype, model.model.embed_tokens.weight.dtype)")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    result = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["AVX2", "torch.float32", "torch.float32", "QLinear", "torch.bfloat16",
+                                     "torch.bfloat16"]
+    image = Image.open(ROOT / "assets" / "sample.png")
+    answers = [AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=dtype).chat(
+        image=image, msgs=QUESTION, sampling=False, max_new_tokens=8) for dtype in ("float32", "bfloat16")]
+    assert answers[0] == answers[1]
 
 
 def test_quantizing_and_loading_say_what_is_wrong(tmp_path):
@@ -112,8 +134,8 @@ def test_quantizing_and_loading_say_what_is_wrong(tmp_path):
     with pytest.raises(ValueError, match="leave out `quantization_config`"):
         AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True,
                                              quantization_config=QuantoConfig(weights="int8"))
-    with pytest.raises(ValueError, match="leave out `dtype`"):
-        AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
+    with pytest.raises(ValueError, match="may choose bfloat16 or float32"):
+        AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float16)
     result = subprocess.run([sys.executable, "-m", "omnilmm_tools.quantize", str(tmp_path / "none"),
                              str(tmp_path / "out")], capture_output=True, text=True)
     assert result.returncode == 1 and result.stderr.count("\n") == 1 and "not a full-precision" in result.stderr
