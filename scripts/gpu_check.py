@@ -1,11 +1,11 @@
-"""The GPU path in one run: fixture parity, bf16/fp16 drift, sdpa vs eager, device_map splits, bitsandbytes and
-`omnilmm-bench`, written to one report. On a CUDA machine (the H200 the project can borrow: torch 2.11,
+"""The GPU path in one run: fixture parity, bf16/fp16 drift, sdpa vs eager, device_map splits, bitsandbytes, vLLM
+and `omnilmm-bench`, written to one report. On a CUDA machine (the H200 the project can borrow: torch 2.11,
 transformers 5.17, no network) it takes a few minutes; `--device cpu` runs the same checks at smoke sizes, which is
 how CI keeps the script from rotting.
 
     python scripts/gpu_check.py --device cuda --out gpu_report.md     # exit status 1 when a check fails
 
-Each check is PASS, FAIL or SKIP (with the reason: no bitsandbytes, no GPU ...). The fixture is the tiny
+Each check is PASS, FAIL or SKIP (with the reason: no bitsandbytes, no vLLM, no GPU ...). The fixture is the tiny
 original-format checkpoint in ../shared/fixtures, converted here; its reference numbers come from the original code.
 """
 
@@ -158,6 +158,44 @@ def check_bitsandbytes(folder, expected, device):
     return True, "; ".join(parts)
 
 
+def check_vllm(folder, device):
+    """vLLM's offline engine (the `omnilmm` plugin) on the converted fixture and the demo model: the same prompt ids
+    and greedy tokens as `generate` on one image question. A CUDA check: on a CPU, tests/vllm checks the same in
+    `.venv-vllm`."""
+    if device != "cuda":
+        return None, "a CUDA check (vLLM's CPU build is tested by tests/vllm, in .venv-vllm)"
+    try:
+        from vllm import LLM
+    except ImportError:
+        return None, "vLLM is not installed: pip install -e '.[vllm]'"
+    from transformers import AutoProcessor
+
+    image, lines, passed = Image.open(TINY / "images" / f"{IMAGE}.png").convert("RGB"), [], True
+    question = [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]
+    for name, path in (("fixture", folder), ("demo model", ROOT / "demo_model")):
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+        prompt = processor.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+        inputs = processor(text=[prompt], images=[[image]], return_tensors="pt").to(device)
+        with torch.no_grad():
+            output = load(path, device).generate(**inputs, do_sample=False, max_new_tokens=12)
+        expected = output[0, inputs["input_ids"].shape[1] :].tolist()
+        llm = LLM(str(path), trust_remote_code=True, dtype="float32", gpu_memory_utilization=0.3,
+                  max_model_len=2048, seed=0)
+        params = llm.get_default_sampling_params()
+        params.temperature, params.max_tokens = 0.0, 12
+        parts = [{"type": "image_pil", "image_pil": image}, {"type": "text", "text": "What is in the picture?"}]
+        result = llm.chat([{"role": "user", "content": parts}], params)[0]
+        same_prompt = result.prompt_token_ids == inputs["input_ids"][0].tolist()
+        eos = processor.tokenizer.eos_token_id
+        same = [t for t in result.outputs[0].token_ids if t != eos] == [t for t in expected if t != eos]
+        passed = passed and same_prompt and same
+        lines.append(f"{name}: prompt ids {'equal' if same_prompt else 'DIFFERENT'}, 12 greedy tokens "
+                     f"{'equal' if same else 'DIFFERENT'}")
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+    return passed, "vLLM offline engine against generate (fp32): " + "; ".join(lines)
+
+
 def check_bench(device):
     arguments = ["--smoke"] if device == "cpu" else ["--device", "cuda", "--skip-convert"]
     result = subprocess.run([sys.executable, "-m", "omnilmm_tools.bench", *arguments], capture_output=True,
@@ -193,6 +231,7 @@ def main(argv=None) -> int:
     report.check("sdpa against eager", lambda: check_attention(folder, expected, args.device))
     report.check("device_map split", lambda: check_device_map(folder, expected, args.device, workdir))
     report.check("bitsandbytes 8-bit and 4-bit", lambda: check_bitsandbytes(folder, expected, args.device))
+    report.check("vLLM offline engine", lambda: check_vllm(folder, args.device))
     if not args.skip_bench:
         report.check("omnilmm-bench", lambda: check_bench(args.device))
     Path(args.out).write_text(report.markdown())
