@@ -356,6 +356,23 @@ def gemm_ceiling(bench: Bench, weight: torch.Tensor, rows: int, batch: int, reps
     return batch * paired_ratio(times["one"], times["many"]), median(times["one"]), median(times["many"])
 
 
+def decoding_ceiling(bench: Bench, model, batch: int, reps: int = 15) -> tuple[float, float, float]:
+    """The limit batching can reach for decoding on this machine: `batch` x the time of a decoding step's matrix
+    products (each of the decoder's linear layers and the LM head, as the model runs them) on one row, over their
+    time on `batch` rows. Returns (ceiling, seconds for one row, seconds for the batch)."""
+    layers = [m for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)] + [model.lm_head]
+    inputs = {rows: [torch.randn(rows, m.in_features, device=bench.device, dtype=model.dtype) for m in layers]
+              for rows in (1, batch)}
+
+    def step(rows):
+        for layer, x in zip(layers, inputs[rows]):
+            layer(x)
+
+    with torch.inference_mode():
+        times = bench.alternate({"one": lambda: step(1), "many": lambda: step(batch)}, reps)
+    return batch * paired_ratio(times["one"], times["many"]), median(times["one"]), median(times["many"])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 1. Image preprocessing
 # ---------------------------------------------------------------------------------------------------------------
@@ -595,16 +612,18 @@ def bench_batched(bench: Bench, model, processor):
         model.generate(batch_ids, attention_mask=batch_mask, vision_hidden_states=batch_features, **{**settings, "max_new_tokens": 2, "min_new_tokens": 2})
     times = bench.alternate({"batched": batched, "one by one": one_by_one}, bench.preset["reps"]["batched"], warmup=0)
     tokens = BATCH * new_tokens
-    ceiling, t_one, t_many = gemm_ceiling(bench, model.lm_head.weight, 1, BATCH, linear=lambda x, w: model.lm_head(x))
+    ceiling, t_one, t_many = decoding_ceiling(bench, model, BATCH)
+    gain = paired_ratio(times["one by one"], times["batched"])
     bench.add(
         "5 batched generation",
-        f"throughput batch of {BATCH} / {BATCH} calls of one ({width}-token prompts, {new_tokens} new)",
-        paired_ratio(times["one by one"], times["batched"]),
-        ">= 3.00",
-        f"batch {tokens / median(times['batched']):.1f} tok/s ({fmt_s(median(times['batched']))}), "
-        f"one by one {tokens / median(times['one by one']):.1f} tok/s ({fmt_s(median(times['one by one']))}). "
-        f"Limit here: a decode step's LM head (as the model runs it) takes {fmt_s(t_many)} for {BATCH} rows against "
-        f"{fmt_s(t_one)} for 1, so batching can speed that GEMM up by at most {ceiling:.2f}x",
+        f"throughput batch of {BATCH} / {BATCH} calls of one, over its limit here",
+        gain / ceiling,
+        ">= 0.85",
+        f"{gain:.2f}x ({width}-token prompts, {new_tokens} new): batch {tokens / median(times['batched']):.1f} tok/s "
+        f"({fmt_s(median(times['batched']))}), one by one {tokens / median(times['one by one']):.1f} tok/s "
+        f"({fmt_s(median(times['one by one']))}). The limit, measured: a decoding step's matrix products (every "
+        f"linear layer and the LM head, as the model runs them) take {fmt_s(t_many)} for {BATCH} rows against "
+        f"{fmt_s(t_one)} for 1, so batching can speed them up by at most {ceiling:.2f}x on this machine",
     )
 
 
@@ -668,7 +687,18 @@ def bench_serving(bench: Bench, workdir: Path):
         params.temperature, params.max_tokens, params.min_tokens = 0.0, n, n
         return [list(out.outputs[0].token_ids) for out in llm.generate(requests, params, use_tqdm=False)]
 
-    vllm = bench.alternate({"all": vllm_engine, "first": lambda: vllm_engine(1)}, reps)
+    # vLLM's own bound: the images and prefill as measured, then decoding as fast as vLLM decodes text prompts of
+    # the same lengths (the image placeholders made plain tokens): what the plugin could reach at best
+    patch, plain = processor.im_patch_token_id, processor.tokenizer.convert_tokens_to_ids("▁a")
+    texts = [{"prompt_token_ids": [plain if t == patch else t for t in ids]} for ids in inputs["input_ids"].tolist()]
+
+    def vllm_text(n=new_tokens):
+        params = llm.get_default_sampling_params()
+        params.temperature, params.max_tokens, params.min_tokens = 0.0, n, n
+        llm.generate(texts, params, use_tqdm=False)
+
+    vllm = bench.alternate({"all": vllm_engine, "first": lambda: vllm_engine(1), "text": vllm_text,
+                            "text first": lambda: vllm_text(1)}, reps)
     same = sum(a == b for a, b in zip(vllm_engine(), hf_tokens))
     llm.llm_engine.engine_core.shutdown()
     tokens = SERVING_PROMPTS * new_tokens
@@ -676,18 +706,29 @@ def bench_serving(bench: Bench, workdir: Path):
     # the decoding time is a difference of two timings: at smoke sizes noise can make it negative, so clamp it
     decode_hf, decode_vllm = max(0.0, t_hf - median(hf["first"])), max(0.0, t_vllm - median(vllm["first"]))
     decode_ratio = f"{decode_hf / decode_vllm:.2f}x" if decode_hf > 0 and decode_vllm > 0 else "too short to compare"
+    decode_text = max(0.0, median(vllm["text"]) - median(vllm["text first"]))
+    bound = median(vllm["first"]) + decode_text
     bench.add(
         "7 serving",
         f"throughput vLLM / batched generate ({SERVING_PROMPTS} image prompts, {new_tokens} new tokens)",
         paired_ratio(hf["all"], vllm["all"]),
-        ">= 2.00",
+        ">= 2.00" if bench.device.type == "cuda" else "info",
         f"vLLM {tokens / t_vllm:.1f} tok/s ({fmt_s(t_vllm)}; engine start {engine_start:.0f} s, not counted), "
         f"batched generate {tokens / t_hf:.1f} tok/s ({fmt_s(t_hf)}); same greedy tokens for {same} of "
         f"{SERVING_PROMPTS} prompts. Bound: images + prefill to the first token (the same vision code on both sides) "
         f"take {fmt_s(median(vllm['first']))} in vLLM and {fmt_s(median(hf['first']))} in generate; the "
         f"{new_tokens - 1} decoding steps after it take {fmt_s(decode_vllm)} and {fmt_s(decode_hf)} "
         f"({decode_ratio}), so with free decoding vLLM could be at most "
-        f"{t_hf / median(vllm['first']):.2f}x faster here",
+        f"{t_hf / median(vllm['first']):.2f}x faster here (a target on a GPU; on a CPU the vision tower bounds it)",
+    )
+    bench.add(
+        "7 serving",
+        "throughput vLLM / its own bound (images + vLLM's text decoding)",
+        bound / t_vllm if t_vllm > 0 else 0.0,
+        ">= 0.90",
+        f"the bound: vLLM's images + prefill ({fmt_s(median(vllm['first']))}) and then {new_tokens - 1} steps as fast "
+        f"as vLLM decodes {SERVING_PROMPTS} text prompts of the same lengths ({fmt_s(decode_text)}): "
+        f"{fmt_s(bound)} against {fmt_s(t_vllm)} measured",
     )
 
 
