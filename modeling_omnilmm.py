@@ -670,7 +670,7 @@ def load_quanto_folder(cls, path, config, dtype=None, device_map=None, **kwargs)
                 owner, _, name = key.partition(".weight.") if ".weight._" in key else key.rpartition(".")
                 owners[owner][f"weight.{name}" if ".weight._" in key else name] = key
             for owner, keys in owners.items():
-                quantized = any(name.startswith("weight._") for name in keys)  # the file decides which are
+                quantized = any(name.startswith("weight._") for name in keys)  # as the file says
                 if quantized:
                     model.set_submodule(owner, quantize_module(model.get_submodule(owner),
                                                                weights=f"q{config.quanto_weights}"))

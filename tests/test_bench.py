@@ -5,7 +5,8 @@ import shutil
 
 import pytest
 
-from omnilmm_tools import bench, bench_video
+from omnilmm_tools import bench
+from omnilmm_tools.bench import video as bench_video
 
 EXPECTED_ROWS = {
     "1 preprocessing": 4,  # 2 photo sizes x (LLaVA-NeXT PIL, LLaVA-NeXT torchvision)

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import free_port
 from omnilmm_tools import demo
-from omnilmm_tools.bench_demo import CHROMIUM_ARGS
+from omnilmm_tools.bench.demo import CHROMIUM_ARGS
 from omnilmm_tools.remote import DEMO_MODEL, ROOT
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")

@@ -17,8 +17,9 @@ import av
 import numpy as np
 import torch
 
-from . import clips
-from .remote import remote_module
+from .. import clips
+from ..remote import remote_module
+from .common import build_processor, fmt_s, header, median, omnilmm_config, paired_ratio, random_model
 
 CLIPS = {"smoke": dict(seconds=20, size=(64, 48), fps=30), "cpu": dict(seconds=180, size=(1280, 720), fps=30),
          "gpu": dict(seconds=180, size=(1280, 720), fps=30)}
@@ -81,7 +82,7 @@ def optional(name):
 def torchcodec_decodes() -> bool:
     """Whether torchcodec decodes here: its wheel imports anywhere but loads FFmpeg's libraries from the system at
     its first decode, and fails there on a machine without them."""
-    from .remote import ROOT
+    from ..remote import ROOT
 
     try:
         from torchcodec.decoders import VideoDecoder
@@ -93,8 +94,6 @@ def torchcodec_decodes() -> bool:
 
 
 def bench_video(bench, preset_name: str):
-    from .bench import fmt_s, header, median, paired_ratio
-
     header("9. Video: decode and sample a clip to 64 frames (ours seeks; the others decode every frame), and what a "
            "second of video costs")
     spec, reps = CLIPS[preset_name], bench.preset["reps"].get("video", 2)
@@ -139,8 +138,6 @@ def bench_video(bench, preset_name: str):
 
 def video_costs(bench, frames, metadata):
     """num_query -> (the clip's tokens, the seconds to encode its frames), at OmniLMM-12B's square 448-pixel views."""
-    from .bench import build_processor, median, omnilmm_config, random_model
-
     costs = {}
     processor = build_processor(slice_mode=False)
     for num_query in (64, 256):

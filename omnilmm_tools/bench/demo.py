@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from .bench_video import optional
+from .common import build_processor, fmt_s, header, median, omnilmm_config, random_model, synthetic_photo
+from .video import optional
 
 QUESTION = "What is in the picture?"
 # Headless, and nothing that would reach the network (closed here: refused connections slow every start).
@@ -26,15 +27,14 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 
 def bench_demo(bench, workdir):
-    from .bench import build_processor, fmt_s, header, median, omnilmm_config, random_model, synthetic_photo
-    from .finetune import save_hub_folder
+    from ..finetune import save_hub_folder
 
     header("10. Web demo: an answer through the page (local backend, headless Chromium) vs chat() called directly")
     chromium = shutil.which("chromium")
     if not (optional("gradio") and optional("playwright.sync_api") and chromium):
         print('  (left out: needs `pip install "omnilmm-hf[demo]" playwright` and Debian\'s chromium)')
         return
-    from . import demo
+    from .. import demo
 
     new_tokens, reps = bench.preset["new_tokens"]["demo"], bench.preset["reps"]["demo"]
     folder = workdir / "demo"
