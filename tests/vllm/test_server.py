@@ -1,6 +1,7 @@
 """A real `vllm serve` of the demo model on a loopback port, asked by the `openai` client: answers as
-`model.chat(sampling=False)`, streams the same text, serves 16 requests at once, and answers bad requests with a
-4xx while it keeps serving. Runs in `.venv-vllm`."""
+`model.chat(sampling=False)`, streams the same text, answers bad requests with a 4xx while it keeps serving, and
+survives load and faults: 64 requests at once, a burst larger than its KV cache, clients that leave, 300 requests in
+a row. The server runs the decoder over two tensor-parallel workers. Runs in `.venv-vllm`."""
 
 import base64
 import io
@@ -33,7 +34,7 @@ MAX_TOKENS = 8
 QUESTION = "What colour is the shape?"
 
 
-KV_BLOCKS = 20  # the server's KV cache, in blocks (`--num-gpu-blocks-override`): a 64-request burst overflows it
+KV_BLOCKS = 20  # the server's KV cache, in blocks of 128 tokens (`--num-gpu-blocks-override`): a burst overflows it
 
 
 @pytest.fixture(scope="module")
