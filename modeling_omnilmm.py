@@ -15,7 +15,9 @@ import os
 import sys
 import threading
 from collections import OrderedDict, defaultdict
+from contextlib import nullcontext
 from pathlib import Path
+from unittest.mock import patch
 
 import numpy as np
 import timm
@@ -44,10 +46,14 @@ CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ 
 def build_vision_tower(config: OmniLMMConfig) -> nn.Module:
     """The timm EVA02 tower (weights from the checkpoint) without its last block: its output is the second-to-last
     layer's."""
-    tower = timm.create_model(
-        config.mm_vision_tower, pretrained=False, num_classes=0, dynamic_img_size=True, dynamic_img_pad=True,
-        **config.vision_tower_kwargs,
-    )
+    # On the meta device (`from_pretrained` builds the model empty, then loads or initialises every tensor) timm's
+    # own random init would be thrown away, and on meta tensors it costs more than building the tower: skip it there.
+    on_meta = torch.empty(0).device.type == "meta"
+    with patch.object(timm.models.eva.Eva, "init_weights", lambda *args, **kwargs: None) if on_meta else nullcontext():
+        tower = timm.create_model(
+            config.mm_vision_tower, pretrained=False, num_classes=0, dynamic_img_size=True, dynamic_img_pad=True,
+            **config.vision_tower_kwargs,
+        )
     del tower.blocks[-1]
     # accelerate's CPU/disk offload loads a module's weights only when the module is *called*: call the tower
     # itself (pooling off, it returns every token) and let EVA's attention call its `qkv` layer.

@@ -170,24 +170,19 @@ def check_vllm(folder, device):
         return None, "vLLM is not installed: pip install -e '.[vllm]'"
     from transformers import AutoProcessor
 
+    from omnilmm_tools.vllm_check import greedy, hf_greedy, vllm_messages
+
     image, lines, passed = Image.open(TINY / "images" / f"{IMAGE}.png").convert("RGB"), [], True
-    question = [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]
+    content = [image, "What is in the picture?"]
     for name, path in (("fixture", folder), ("demo model", ROOT / "demo_model")):
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
-        prompt = processor.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
-        inputs = processor(text=[prompt], images=[[image]], return_tensors="pt").to(device)
         with torch.no_grad():
-            output = load(path, device).generate(**inputs, do_sample=False, max_new_tokens=12)
-        expected = output[0, inputs["input_ids"].shape[1] :].tolist()
+            prompt_ids, expected, _ = hf_greedy(load(path, device), processor, content, max_new_tokens=12)
         llm = LLM(str(path), trust_remote_code=True, dtype="float32", gpu_memory_utilization=0.3,
                   max_model_len=2048, seed=0)
-        params = llm.get_default_sampling_params()
-        params.temperature, params.max_tokens = 0.0, 12
-        parts = [{"type": "image_pil", "image_pil": image}, {"type": "text", "text": "What is in the picture?"}]
-        result = llm.chat([{"role": "user", "content": parts}], params)[0]
-        same_prompt = result.prompt_token_ids == inputs["input_ids"][0].tolist()
-        eos = processor.tokenizer.eos_token_id
-        same = [t for t in result.outputs[0].token_ids if t != eos] == [t for t in expected if t != eos]
+        result = llm.chat(vllm_messages(content), greedy(llm, 12))[0]
+        same_prompt = result.prompt_token_ids == prompt_ids
+        same = [t for t in result.outputs[0].token_ids if t != processor.tokenizer.eos_token_id] == expected
         passed = passed and same_prompt and same
         lines.append(f"{name}: prompt ids {'equal' if same_prompt else 'DIFFERENT'}, 12 greedy tokens "
                      f"{'equal' if same else 'DIFFERENT'}")

