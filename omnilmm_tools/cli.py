@@ -1,6 +1,7 @@
 """What the console commands share: an argument parser whose errors are one line, and argument types."""
 
 import argparse
+import socket
 import sys
 
 
@@ -23,6 +24,13 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on (for `vllm serve`, the web demo, torchrun's rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def fail(prog: str, message) -> None:

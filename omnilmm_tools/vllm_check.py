@@ -1,7 +1,17 @@
 """One conversation asked of `transformers` and of vLLM's offline engine, greedily, for comparing their prompt ids
 and tokens (`tests/vllm`, `scripts/gpu_check.py`). A conversation's content is a list of PIL images and strings."""
 
+import base64
+import io
+
 from PIL import Image
+
+
+def png_data_url(image: Image.Image) -> str:
+    """`image` as a PNG `data:` URL, as a client of `vllm serve` sends a picture."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def hf_greedy(model, processor, content, max_new_tokens):

@@ -2,7 +2,7 @@
 
 Run from the repository root: `python scripts/parity_report.py`.
 """
-import sys, time, json, torch, numpy as np, tempfile
+import sys, time, json, torch, tempfile
 sys.path.insert(0, "tests")
 from test_model import fixture_pixels, IMAGES, TINY, FIXTURES
 from safetensors.torch import load_file

@@ -110,15 +110,6 @@ def make_sentencepiece(folder, vocab_size):
     return folder / "tokenizer.model"
 
 
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 that nothing listens on (for torchrun's rendezvous, a vLLM server)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 MEMORY_CGROUPS = Path("/sys/fs/cgroup/memory")  # the cgroup v1 memory controller (root only)
 
 

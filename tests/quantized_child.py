@@ -12,13 +12,15 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, QuantoConfig
 
+from omnilmm_tools.quantize import KEEP
+
 folder, mode = sys.argv[1:]
 AutoConfig.from_pretrained(folder, trust_remote_code=True)  # imports the remote code
 processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
 image = Image.open(Path(__file__).resolve().parent.parent / "assets" / "sample.png")
 msgs = [{"role": "user", "content": "What colour is the shape?"}]
 if mode != "baseline":
-    quantization = QuantoConfig(weights="int4", modules_to_not_convert=["lm_head", "model.resampler"])
+    quantization = QuantoConfig(weights="int4", modules_to_not_convert=list(KEEP))
     kwargs = {"dtype": torch.bfloat16, "quantization_config": quantization} if mode == "int4-on-load" else {}
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, **kwargs)
     answer = model.chat(image=image, msgs=msgs, processor=processor, sampling=False, max_new_tokens=8)

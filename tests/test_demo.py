@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import free_port
+from omnilmm_tools.cli import free_port
 from omnilmm_tools import demo
 from omnilmm_tools.bench.demo import CHROMIUM_ARGS
 from omnilmm_tools.remote import DEMO_MODEL, ROOT

@@ -6,7 +6,6 @@ Mistral v0.1 tokenizer, trained for a few dozen steps on the synthetic shapes ta
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import free_port
+from omnilmm_tools.cli import free_port
 from omnilmm_tools import finetune, shapes
 from omnilmm_tools.remote import remote_module
 

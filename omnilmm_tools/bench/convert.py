@@ -20,9 +20,7 @@ from .common import (
     folder_bytes,
     header,
     import_baseline_rss,
-    median,
     omnilmm_config,
-    paired_ratio,
     run_sampled,
 )
 
@@ -201,10 +199,13 @@ def bench_convert_and_load(bench: Bench, workdir: Path):
             if kind == "materialised"
             else "from_pretrained call, bf16 mmap'd (not read): OmniLMM / LLaVA-NeXT"
         )
+        # The best of the rounds: a load is a fixed amount of work that only slows down (the other core, the page
+        # cache), and the paired median of five rounds moved 0.85-1.41 between runs.
         bench.add(
             "6 loading",
             what,
-            paired_ratio(times["ours"], times["peer"]),
+            min(times["ours"]) / min(times["peer"]),
             "<= 1.20",
-            f"OmniLMM {fmt_s(median(times['ours']))}, LLaVA-NeXT {fmt_s(median(times['peer']))} ({sizes_note})",
+            f"best of {reps}: OmniLMM {fmt_s(min(times['ours']))}, LLaVA-NeXT {fmt_s(min(times['peer']))} "
+            f"({sizes_note})",
         )

@@ -1,10 +1,7 @@
 """Comparison 7 of `omnilmm-bench`: serving, vLLM against batched generate, and `vllm serve` under load."""
 
-import base64
 import gc
-import io
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..cli import free_port
 from ..cpu_decoding import block_lm_head
+from ..vllm_check import png_data_url
 from .common import (
     Bench,
     build_processor,
@@ -142,9 +141,7 @@ def load_messages(count):
     question, as a client of `vllm serve` sends them."""
     messages = []
     for i in range(count):
-        buffer = io.BytesIO()
-        synthetic_photo(320 + 16 * i, 240 + 8 * i, seed=100 + i).save(buffer, format="PNG")
-        url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        url = png_data_url(synthetic_photo(320 + 16 * i, 240 + 8 * i, seed=100 + i))
         question = {"type": "text", "text": f"Question {i}: what is in this picture?"}
         messages.append({"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, question]})
     return messages
@@ -160,12 +157,6 @@ def offline_chats(llm, messages, batch, new_tokens):
         outputs = llm.chat([[m] for m in messages[start : start + batch]], params, use_tqdm=False)
         texts += [out.outputs[0].text for out in outputs]
     return texts, time.perf_counter() - started
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextmanager

@@ -4,7 +4,6 @@ survives load and faults: 64 requests at once, a burst larger than its KV cache,
 a row. The server runs the decoder over two tensor-parallel workers. Runs in `.venv-vllm`."""
 
 import base64
-import io
 import random
 import re
 import tempfile
@@ -23,6 +22,7 @@ from transformers import AutoModelForCausalLM
 
 from omnilmm_tools import clips
 from omnilmm_tools.bench.serving import vllm_serve
+from omnilmm_tools.vllm_check import png_data_url
 from test_offline import shape_image
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,12 +60,6 @@ def model():
     return AutoModelForCausalLM.from_pretrained(DEMO, trust_remote_code=True, dtype=torch.float32).eval()
 
 
-def data_url(image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
 def ask(client, url, question=QUESTION, **kwargs):
     return client.chat.completions.create(model=str(DEMO), messages=[image_message(url, question)], temperature=0,
                                           **{"max_tokens": MAX_TOKENS, **kwargs})
@@ -79,13 +73,13 @@ def test_an_image_question_answers_as_chat(client, model):
     sample = Image.open(ROOT / "assets" / "sample.png").convert("RGB")
     expected = model.chat(image=sample, msgs=[{"role": "user", "content": QUESTION}], sampling=False,
                           max_new_tokens=MAX_TOKENS)
-    assert answer(client, data_url(sample)) == expected
+    assert answer(client, png_data_url(sample)) == expected
     # an allowed local file is the same image
     assert answer(client, (ROOT / "assets" / "sample.png").as_uri()) == expected
 
 
 def test_streaming_joins_to_the_same_text(client):
-    url = data_url(shape_image((200, 160), (220, 30, 30), 1))
+    url = png_data_url(shape_image((200, 160), (220, 30, 30), 1))
     pieces = [chunk.choices[0].delta.content or "" for chunk in ask(client, url, stream=True) if chunk.choices]
     assert len(pieces) > 1 and "".join(pieces).strip() == answer(client, url)
 
@@ -99,11 +93,11 @@ def test_max_slice_nums_per_request(client):
 
 
 def huge_image_message():
-    return [image_message(data_url(Image.new("RGB", (10_001, 10_001))))]  # 100.02 MP: over max_image_pixels (1e8)
+    return [image_message(png_data_url(Image.new("RGB", (10_001, 10_001))))]  # 100.02 MP: over max_image_pixels (1e8)
 
 
 def wide_url():
-    return data_url(shape_image((900, 300), (30, 200, 30), 3))
+    return png_data_url(shape_image((900, 300), (30, 200, 30), 3))
 
 
 def shape_video(folder, seed):
@@ -160,7 +154,7 @@ BAD_REQUESTS = {  # name: (the request's arguments, built when the test runs; wh
         "literal <im_start>/<im_patch>/<im_end> tokens"),
     "no messages": (lambda: dict(messages=[]), "empty conversation"),
     "not a video": (lambda: dict(messages=[video_message(NOT_A_VIDEO)]), "not a video file"),
-    "an image as a video": (lambda: dict(messages=[video_message(data_url(Image.new("RGB", (64, 64))))]),
+    "an image as a video": (lambda: dict(messages=[video_message(png_data_url(Image.new("RGB", (64, 64))))]),
                             "is an image (png), not a video"),
     "video fps 0": (lambda: dict(messages=[video_message(data_url_of_clip())],
                                  extra_body={"media_io_kwargs": {"video": {"fps": 0}}}),
@@ -188,7 +182,7 @@ def test_a_bad_request_is_a_4xx_and_the_server_keeps_serving(client, case):
     assert 400 <= caught.value.status_code < 500, (case, caught.value.status_code, caught.value.message)
     assert named in caught.value.message, caught.value.message
     sample = Image.open(ROOT / "assets" / "sample.png").convert("RGB")
-    assert answer(client, data_url(sample))  # the next good request is answered
+    assert answer(client, png_data_url(sample))  # the next good request is answered
 
 
 def test_the_web_demo_asks_the_server_and_gets_the_local_answer(client, model, tmp_path):
@@ -250,9 +244,9 @@ def mixed_requests(count):
     requests = []
     for i in range(count):
         kind = ("image", "sliced", "two images", "text")[i % 4]
-        image = data_url(shape_image((160 + 10 * i, 120 + 5 * i), colours[i % 4], i))
-        urls = {"image": [image], "sliced": [data_url(shape_image((900 + 10 * i, 300), colours[i % 4], i))],
-                "two images": [image, data_url(shape_image((200, 200), colours[(i + 1) % 4], 100 + i))],
+        image = png_data_url(shape_image((160 + 10 * i, 120 + 5 * i), colours[i % 4], i))
+        urls = {"image": [image], "sliced": [png_data_url(shape_image((900 + 10 * i, 300), colours[i % 4], i))],
+                "two images": [image, png_data_url(shape_image((200, 200), colours[(i + 1) % 4], 100 + i))],
                 "text": []}[kind]
         content = [*({"type": "image_url", "image_url": {"url": url}} for url in urls),
                    {"type": "text", "text": QUESTION if i % 3 else "Describe the picture."}]
@@ -347,7 +341,7 @@ def test_disconnects_and_cancelled_requests_leave_nothing_running(server):
                                                 temperature=0, max_tokens=200, stream=True)
         next(iter(stream))
         stream.close()
-    large = data_url(shape_image((4000, 3000), (30, 200, 30), 5))
+    large = png_data_url(shape_image((4000, 3000), (30, 200, 30), 5))
     # a client of its own, with no idle keep-alive connection in its pool: the server closes those after 5 s, and
     # reusing one as it closes fails with "Server disconnected" before the request is even sent
     impatient = openai.OpenAI(base_url=client.base_url, api_key="none", max_retries=0, timeout=0.3)
@@ -364,7 +358,7 @@ def test_three_hundred_requests_in_a_row_keep_memory_flat(server):
     client, colours = server.client, [(220, 30, 30), (30, 200, 30), (30, 30, 220)]
     rss = {}
     for i in range(300):
-        url = data_url(shape_image((200 + i % 50, 150 + i % 40), colours[i % 3], 1000 + i))
+        url = png_data_url(shape_image((200 + i % 50, 150 + i % 40), colours[i % 3], 1000 + i))
         assert answer(client, url, max_tokens=2)
         if i + 1 in (50, 300):
             rss[i + 1] = resident_bytes(server.process)
