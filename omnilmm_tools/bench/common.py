@@ -66,7 +66,7 @@ PRESETS = {
         ),
         "photos": [(1600, 1200), (4000, 3000)],
         "tile_image": (1600, 1200),
-        "reps": dict(preprocess=5, vision=4, overhead=7, multiturn=6, batched=2, load=5, serving=2, quantize=1,
+        "reps": dict(preprocess=5, vision=4, overhead=7, multiturn=6, batched=2, load=9, serving=2, quantize=1,
                      video=2, demo=3),
         "new_tokens": dict(overhead=24, multiturn=8, batched=32, serving=32, quantize=16, demo=64),
     },
