@@ -1,4 +1,4 @@
-"""What the console commands share: an argument parser whose errors are one line, and argument types."""
+"""What the console commands share: an argument parser whose errors are one line, argument types, a free port."""
 
 import argparse
 import socket

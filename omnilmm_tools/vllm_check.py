@@ -1,5 +1,6 @@
 """One conversation asked of `transformers` and of vLLM's offline engine, greedily, for comparing their prompt ids
-and tokens (`tests/vllm`, `scripts/gpu_check.py`). A conversation's content is a list of PIL images and strings."""
+and tokens (`tests/vllm`, `scripts/gpu_check.py`). A conversation's content is a list of PIL images and strings.
+`png_data_url` writes a picture as a client of `vllm serve` sends it (the server tests, the bench's load rows)."""
 
 import base64
 import io

@@ -201,7 +201,7 @@ def bench_convert_and_load(bench: Bench, workdir: Path):
             else "from_pretrained call, bf16 mmap'd (not read): OmniLMM / LLaVA-NeXT"
         )
         # On a CPU both loads are the same transformers code faulting in the same bytes of fresh memory, and a round
-        # takes 1.2-2.5 s by how the kernel finds pages: the medians of 9 rounds, not the per-round ratios.
+        # takes 1.0-4.7 s here by how the kernel finds free pages: the medians of 9 rounds, not per-round ratios.
         spread = {name: f"{fmt_s(min(t))}-{fmt_s(max(t))}" for name, t in times.items()}
         bench.add(
             "6 loading",
